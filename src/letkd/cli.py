@@ -1,0 +1,202 @@
+"""The ``letkd`` command.
+
+    letkd train-teacher CONFIG [key=value ...] [--resume] [--overwrite]
+    letkd distill CONFIG [key=value ...] [--resume] [--overwrite]
+    letkd fit-targets CONFIG [key=value ...]
+    letkd evaluate CHECKPOINT [key=value ...]
+    letkd export CHECKPOINT --format onnx [--output FILE]
+    letkd models | methods | taps MODEL
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _load_cfg(args, base: dict | None = None):
+    from letkd import config
+
+    overrides = list(args.overrides)
+    if getattr(args, "overwrite", False):
+        overrides.append("run.overwrite=true")
+    return config.load(args.config, overrides, base=base)
+
+
+def cmd_train(args) -> int:
+    from letkd.engine.trainer import run
+
+    cfg = _load_cfg(args)
+    if args.command == "train-teacher":
+        if cfg.method_name != "vanilla" or cfg.teacher.name:
+            from letkd.config import ConfigError
+
+            raise ConfigError("train-teacher trains a network alone: the config must have method.name=vanilla "
+                              "and no teacher.name (use `letkd distill` for distillation)")
+    summary = run(cfg, resume=args.resume)
+    from letkd.engine import dist
+
+    if dist.is_main():
+        print(json.dumps({k: summary[k] for k in ("method", "teacher", "student", "dataset", "seed", "epochs",
+                                                  "best_acc", "last_acc", "best_epoch", "params_student",
+                                                  "params_extra", "images_per_second", "wall_seconds", "run_dir")},
+                         indent=2))
+    dist.shutdown()
+    return 0
+
+
+def cmd_fit_targets(args) -> int:
+    from letkd.engine.trainer import build
+
+    cfg = _load_cfg(args)
+    b = build(cfg)
+    if not hasattr(b.distiller, "fit_or_load_targets"):
+        from letkd.config import ConfigError
+
+        raise ConfigError(f"method {cfg.method_name!r} has no teacher targets to fit; use letkd1, letkd2 or quest")
+    t0 = time.time()
+    path = b.distiller.fit_or_load_targets(b.data, force=args.force)
+    print(f"targets: {path} ({time.time() - t0:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from letkd.engine.checkpoint import load_file
+    from letkd.engine.trainer import evaluate, rebuild_deployable, resolve_precision
+
+    ck = load_file(args.checkpoint)
+    if args.overrides:
+        from letkd import config
+
+        ck["config"] = config.to_dict(config.load(None, args.overrides, base=ck["config"]))
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, _ = rebuild_deployable(ck, device)
+    from letkd import data as datamod
+
+    data = datamod.build(cfg.data, batch_size=cfg.train.batch_size, test_batch_size=cfg.train.test_batch_size,
+                         device=device, seed=cfg.train.seed)
+    t0 = time.time()
+    res = evaluate(model, data.test_batches(), device, resolve_precision(args.precision, device))
+    res.update(checkpoint=str(args.checkpoint), epoch=ck.get("epoch"), model=cfg.model.name,
+               method=cfg.method_name, dataset=cfg.data.name, seconds=time.time() - t0,
+               params=sum(p.numel() for p in model.parameters()))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from letkd.engine.checkpoint import load_file
+    from letkd.export import export_onnx
+
+    ck = load_file(args.checkpoint)
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    report = export_onnx(ck, out, verify=not args.no_verify)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.command == "models":
+        from letkd import models
+
+        print("\n".join(models.names()))
+    elif args.command == "methods":
+        from letkd import methods
+
+        print("\n".join(methods.names()))
+    else:
+        from letkd import models
+        from letkd.models.taps import feature_shapes
+
+        m = models.create(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+        table = models.TAPS.get(args.model, {})
+        shapes = feature_shapes(m, table, (args.in_channels, args.size, args.size)) if table else {}
+        for name, path in table.items():
+            print(f"{name:24s} {path:28s} {tuple(shapes.get(name, ()))}")
+        if args.all:
+            print("\nall module paths:")
+            for n, mod in m.named_modules():
+                if n:
+                    print(f"  {n:40s} {type(mod).__name__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="letkd", description="Knowledge distillation with KD layers that let the student decide.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for name, helptext in (("train-teacher", "train a network alone (teachers, baselines)"),
+                           ("distill", "distil a student from a teacher with any registered method")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=3")
+        s.add_argument("--resume", action="store_true", help="continue the run in run.dir from checkpoints/last.pt")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing run in run.dir")
+        s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("fit-targets", help="fit (or check) the teacher targets of a letKD config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--force", action="store_true", help="refit even if a matching targets file exists")
+    s.set_defaults(func=cmd_fit_targets)
+
+    s = sub.add_parser("evaluate", help="test accuracy of a checkpoint's student (no teacher needed)")
+    s.add_argument("checkpoint")
+    s.add_argument("overrides", nargs="*", help="e.g. data.root=/path/to/data")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="export a checkpoint's student (with its KD layers)")
+    s.add_argument("checkpoint")
+    s.add_argument("--format", default="onnx", choices=["onnx"])
+    s.add_argument("--output", "-o", default="")
+    s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    s.set_defaults(func=cmd_export)
+
+    for name in ("models", "methods"):
+        s = sub.add_parser(name, help=f"list registered {name}")
+        s.set_defaults(func=cmd_list)
+    s = sub.add_parser("taps", help="list a model's named taps (and with --all every module path)")
+    s.add_argument("model")
+    s.add_argument("--all", action="store_true")
+    s.add_argument("--num-classes", type=int, default=100)
+    s.add_argument("--in-channels", type=int, default=3)
+    s.add_argument("--size", type=int, default=32)
+    s.set_defaults(func=cmd_list)
+    return p
+
+
+def _version() -> str:
+    from letkd import __version__
+
+    return f"letkd {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from letkd.config import ConfigError
+    from letkd.engine.checkpoint import CheckpointError
+    from letkd.engine.trainer import NonFiniteLoss, RunDirError
+
+    import os
+
+    if os.environ.get("LETKD_DEBUG"):
+        return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, RunDirError, NonFiniteLoss, FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"letkd: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Atomic, code-free checkpoints.
+
+A checkpoint is a dict of tensors and plain data. It is written to a temporary file in the
+same directory, flushed and fsync'ed, then renamed over the target (``os.replace`` is atomic
+on POSIX), and the directory entry is fsync'ed: a kill at any moment leaves either the previous
+good file or the new complete one, never a truncated one. Files are read only with
+``torch.load(weights_only=True)``, which cannot execute code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["save_atomic", "load_file", "CheckpointError", "rng_state", "set_rng_state"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or artifact that cannot be read; the message names the file."""
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` atomically: temp file + fsync + rename + directory fsync."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # some filesystems do not support fsync on directories
+        pass
+
+
+def load_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """Load a file written by :func:`save_atomic` (or any torch.save file) safely.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated, corrupted,
+    or holds pickled Python objects (which are refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{what} file {path} contains pickled Python objects that are not plain tensors/data; "
+            f"it was refused (loading it could execute code). Re-save it as a dict of tensors "
+            f"(e.g. torch.save({{'model': model.state_dict()}}, path)). Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{what} file {path} ({size} bytes) is truncated or corrupted and cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}). "
+            f"Use another copy (for a run: checkpoints/best.pt, or re-run without --resume)."
+        ) from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state the training loop touches, as tensors and plain data."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
