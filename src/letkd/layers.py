@@ -1,0 +1,162 @@
+"""The KD layer that lets the student decide (METHOD.md §1) and its attachment to a student (§2).
+
+:class:`KDLayer` is an ordinary ``nn.Module``; it stays in the student at inference. It runs
+inside the student's own forward through a forward hook (:func:`attach_kd_layers`, built on
+:func:`letkd.models.taps.insert_after`), so the student alone has it in ``state_dict``,
+``eval()`` and ONNX export, and needs no teacher.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from letkd.models.taps import feature_shapes, insert_after, resolve
+
+__all__ = ["CosineConv1x1", "KDLayer", "KDLayerSpec", "attach_kd_layers", "kd_layer_extra_params"]
+
+EPS = 1e-12  # METHOD §1.1: L2-normalisation eps
+
+
+class CosineConv1x1(nn.Module):
+    """Scaled cosine 1×1 convolution, no bias (METHOD §1 steps 1 and 3).
+
+    ``out[o, i] = scale · <x_i / ‖x_i‖, w_o / ‖w_o‖>`` for every spatial location ``i``: the
+    input is L2-normalised over channels and each of the ``out_ch`` weight rows (length
+    ``in_ch``) is L2-normalised (eps 1e-12, as ``F.normalize``). ``normalise_weight_rows=False``
+    leaves the rows raw (a scaled linear map of the normalised input; not used by the method).
+
+    Parameters: ``weight`` (out_ch × in_ch × 1 × 1, init normal(0, sqrt(2/in_ch))) and the
+    scalar ``scale`` (init ``init_scale``).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, init_scale: float,
+                 normalise_weight_rows: bool = True, eps: float = EPS) -> None:
+        super().__init__()
+        if in_ch < 1 or out_ch < 1:
+            raise ValueError(f"CosineConv1x1 needs in_ch, out_ch >= 1, got {in_ch}, {out_ch}")
+        self.in_ch, self.out_ch = int(in_ch), int(out_ch)
+        self.normalise_weight_rows = bool(normalise_weight_rows)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 1, 1))
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.reset_parameters(init_scale)
+
+    def reset_parameters(self, init_scale: float | None = None) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0.0, math.sqrt(2.0 / self.in_ch))
+            if init_scale is not None:
+                self.scale.fill_(float(init_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.normalise_weight_rows:
+            w = F.normalize(w, p=2.0, dim=1, eps=self.eps)
+        xn = F.normalize(x, p=2.0, dim=1, eps=self.eps)
+        return self.scale * F.conv2d(xn, w)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_ch}, {self.out_ch}, normalise_weight_rows={self.normalise_weight_rows}"
+
+
+class KDLayer(nn.Module):
+    """KD layer of METHOD §1: templates → BN-ReLU soft maximiser → value vectors → residual.
+
+    For a feature map ``x`` (B×C×H×W), per location ``i``:
+
+    1. ``a_{k|i} = s1 · cos(x_i, w_k)``            (``templates``, K templates, s1 init 3.0)
+    2. ``p̂_i = ReLU(BatchNorm2d_K(a_i))``          (``bn``)
+    3. ``v_i = s2 · V̂ (p̂_i / ‖p̂_i‖)``             (``values``, rows of V normalised, s2 init 1.0)
+    4. ``x̂_i = x_i + α · v_i``
+
+    ``forward(x)`` returns ``(x_hat, scores)`` with ``scores = a`` (B×K×H×W, pre-BN, not
+    detached); the scores of the last call are also kept in ``self.last_scores`` for the loss
+    (the layer runs inside the student's forward through a hook).
+    ``α`` is a plain float (not learnt). With ``α = 0`` (QuEST, ablations) the value branch is
+    skipped and ``x_hat`` is ``x`` itself; ``bn`` and ``values`` then receive no gradient
+    (:func:`attach_kd_layers` freezes them so DDP does not see unused trainable parameters).
+    Extra parameters: ``2·C·K + 2·K + 2`` (:func:`kd_layer_extra_params`).
+    """
+
+    def __init__(self, channels: int, num_templates: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        if channels < 1 or num_templates < 1:
+            raise ValueError(f"KDLayer needs channels, num_templates >= 1, got {channels}, {num_templates}")
+        self.channels, self.num_templates = int(channels), int(num_templates)
+        self.alpha = float(alpha)
+        self.templates = CosineConv1x1(channels, num_templates, init_scale=3.0)
+        self.bn = nn.BatchNorm2d(num_templates)
+        self.values = CosineConv1x1(num_templates, channels, init_scale=1.0)
+        self.last_scores: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.channels):
+            raise ValueError(f"KDLayer({self.channels}, {self.num_templates}) expects B×{self.channels}×H×W, "
+                             f"got shape {tuple(x.shape)}")
+        a = self.templates(x)                       # step 1: B×K×H×W template scores
+        self.last_scores = a
+        if self.alpha == 0.0:
+            return x, a                             # step 4 with α = 0: value branch unused
+        p = F.relu(self.bn(a))                      # step 2: soft maximiser
+        v = self.values(p)                          # step 3: p̂/‖p̂‖ then cosine with rows of V
+        return x + self.alpha * v, a                # step 4: residual
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, num_templates={self.num_templates}, alpha={self.alpha}"
+
+
+def kd_layer_extra_params(channels: int, num_templates: int) -> int:
+    """Extra parameters of one KD layer: ``2·C·K + 2·K + 2`` (METHOD §1)."""
+    return 2 * channels * num_templates + 2 * num_templates + 2
+
+
+@dataclass
+class KDLayerSpec:
+    """Where and how to attach one KD layer: a tap name or module path of the student,
+    the number of templates K, the residual weight α, and (optionally) the channel count C
+    (found by a dry forward pass when None)."""
+
+    tap: str
+    num_templates: int
+    alpha: float = 1.0
+    channels: int | None = None
+
+
+def attach_kd_layers(student: nn.Module, arch: str | None, specs: Mapping[str, KDLayerSpec],
+                     input_shape: tuple[int, int, int] | None = None) -> dict[str, KDLayer]:
+    """Attach KD layers to ``student`` (METHOD §2); return ``{name: KDLayer}``.
+
+    Each layer is registered as ``student.kd_layers.<name>`` and a forward hook on the tapped
+    module replaces its output by the layer's ``x_hat`` (scores kept in ``layer.last_scores``).
+    Layers whose taps resolve to the same module path run in the order of ``specs``: pass the
+    intermediate layer before the penultimate one (METHOD §2, resnet8x4). ``arch`` selects the
+    tap table of ``letkd.models.TAPS`` (None: ``specs`` give module paths). ``input_shape``
+    (C, H, W) is needed only when a spec has ``channels=None``.
+    Layers with ``alpha == 0`` get ``bn`` and ``values`` frozen (``requires_grad=False``):
+    they are not used in the forward.
+    """
+    paths = {name: resolve(student, spec.tap, arch) for name, spec in specs.items()}
+    need = {n: p for n, p in paths.items() if specs[n].channels is None}
+    shapes: dict[str, tuple[int, ...]] = {}
+    if need:
+        if input_shape is None:
+            raise ValueError(f"attach_kd_layers: channels unknown for {sorted(need)}; pass input_shape=(C, H, W) "
+                             "or give KDLayerSpec.channels")
+        shapes = feature_shapes(student, need, input_shape)
+    p = next(iter(student.parameters()), None)
+    layers: dict[str, KDLayer] = {}
+    for name, spec in specs.items():
+        c = spec.channels if spec.channels is not None else int(shapes[name][0])
+        layer = KDLayer(c, spec.num_templates, spec.alpha)
+        if p is not None:
+            layer = layer.to(device=p.device)
+        if spec.alpha == 0.0:
+            for q in [*layer.bn.parameters(), *layer.values.parameters()]:
+                q.requires_grad_(False)
+        insert_after(student, paths[name], layer, name)
+        layers[name] = layer
+    return layers

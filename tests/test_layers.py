@@ -1,0 +1,212 @@
+"""KDLayer (METHOD §1) against a per-location reference, gradients, params, attachment, export."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from letkd.layers import CosineConv1x1, KDLayer, KDLayerSpec, attach_kd_layers, kd_layer_extra_params
+
+
+class ToyCNN(nn.Module):
+    """3 stages; the last stage has two blocks (``stage3.0``, ``stage3.1``)."""
+
+    def __init__(self, num_classes: int = 5, width: int = 8, in_ch: int = 3) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+        self.stage3 = nn.Sequential(
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU()),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def reference_kd_layer(layer: KDLayer, x: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Explicit per-location loops in float64 (METHOD §1 steps 1-4)."""
+    W = layer.templates.weight.detach().double().numpy()[:, :, 0, 0]     # K×C
+    V = layer.values.weight.detach().double().numpy()[:, :, 0, 0]        # C×K
+    s1, s2 = layer.templates.scale.item(), layer.values.scale.item()
+    g, b = layer.bn.weight.detach().double().numpy(), layer.bn.bias.detach().double().numpy()
+    B, C, H, Wd = x.shape
+    K = W.shape[0]
+    a = np.zeros((B, K, H, Wd))
+    for n in range(B):
+        for i in range(H):
+            for j in range(Wd):
+                xi = x[n, :, i, j]
+                for k in range(K):
+                    a[n, k, i, j] = s1 * xi @ W[k] / (max(np.linalg.norm(xi), 1e-12) * max(np.linalg.norm(W[k]), 1e-12))
+    if train:
+        mu = a.mean(axis=(0, 2, 3))
+        var = a.var(axis=(0, 2, 3))  # biased, as BN normalises with
+    else:
+        mu = layer.bn.running_mean.double().numpy()
+        var = layer.bn.running_var.double().numpy()
+    out = np.zeros_like(x)
+    for n in range(B):
+        for i in range(H):
+            for j in range(Wd):
+                bn = (a[n, :, i, j] - mu) / np.sqrt(var + layer.bn.eps) * g + b
+                p = np.maximum(bn, 0.0)
+                p = p / max(np.linalg.norm(p), 1e-12)
+                v = np.array([s2 * (V[c] / np.linalg.norm(V[c])) @ p for c in range(C)])
+                out[n, :, i, j] = x[n, :, i, j] + layer.alpha * v
+    return out, a
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_kd_layer_matches_reference(train: bool) -> None:
+    torch.manual_seed(0)
+    layer = KDLayer(6, 5, alpha=0.7)
+    with torch.no_grad():
+        layer.templates.scale.fill_(2.5)
+        layer.values.scale.fill_(1.3)
+        layer.bn.weight.uniform_(0.5, 1.5)
+        layer.bn.bias.uniform_(-0.3, 0.3)
+        layer.bn.running_mean.uniform_(-0.5, 0.5)
+        layer.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 6, 3, 4)
+    layer.train(train)
+    running_before = layer.bn.running_mean.clone()
+    ref_out, ref_a = reference_kd_layer(layer, x.double().numpy(), train)
+    x_hat, a = layer(x)
+    assert x_hat.shape == x.shape and a.shape == (2, 5, 3, 4)
+    np.testing.assert_allclose(a.detach().numpy(), ref_a, atol=1e-5)
+    np.testing.assert_allclose(x_hat.detach().numpy(), ref_out, atol=1e-5)
+    assert layer.last_scores is a
+    assert a.requires_grad  # not detached
+    if train:
+        assert not torch.equal(running_before, layer.bn.running_mean)
+
+
+def test_zero_location_gives_finite_values() -> None:
+    layer = KDLayer(4, 3)
+    x = torch.randn(2, 4, 2, 2)
+    x[0, :, 0, 0] = 0
+    x.requires_grad_(True)
+    x_hat, a = layer(x)
+    (x_hat.sum() + a.sum()).backward()
+    assert torch.isfinite(x_hat).all() and torch.isfinite(x.grad).all()
+
+
+def test_gradcheck_float64() -> None:
+    torch.manual_seed(1)
+    layer = KDLayer(3, 4, alpha=1.0).double()
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w1, s1, w2, s2, g, b):
+        return layer(x)
+
+    params = [layer.templates.weight, layer.templates.scale, layer.values.weight, layer.values.scale,
+              layer.bn.weight, layer.bn.bias]
+    with torch.no_grad():  # avoid ReLU kinks at 0 being hit exactly
+        layer.bn.bias.fill_(0.1)
+    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_parameter_count_names_and_init() -> None:
+    torch.manual_seed(0)
+    C, K = 64, 512
+    layer = KDLayer(C, K)
+    n = sum(p.numel() for p in layer.parameters())
+    assert n == 2 * C * K + 2 * K + 2 == kd_layer_extra_params(C, K)
+    names = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert names["templates.weight"] == (K, C, 1, 1) and names["values.weight"] == (C, K, 1, 1)
+    assert names["templates.scale"] == () and names["values.scale"] == ()
+    assert {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"} <= set(names)
+    assert float(layer.templates.scale) == 3.0 and float(layer.values.scale) == 1.0
+    w, v = layer.templates.weight, layer.values.weight
+    assert abs(w.mean().item()) < 0.01 and abs(w.std().item() - math.sqrt(2 / C)) < 0.01 * math.sqrt(2 / C) * 5
+    assert abs(v.std().item() - math.sqrt(2 / K)) < 0.05 * math.sqrt(2 / K)
+
+
+def test_cosine_conv_is_cosine() -> None:
+    conv = CosineConv1x1(4, 3, init_scale=2.0)
+    x = torch.randn(1, 4, 1, 1)
+    out = conv(x)[0, :, 0, 0]
+    ref = 2.0 * torch.nn.functional.cosine_similarity(x[0, :, 0, 0][None], conv.weight[:, :, 0, 0], dim=1)
+    torch.testing.assert_close(out, ref)
+
+
+def test_alpha_zero_is_identity() -> None:
+    layer = KDLayer(4, 6, alpha=0.0)
+    x = torch.randn(2, 4, 3, 3)
+    x_hat, a = layer(x)
+    assert torch.equal(x_hat, x) and a.shape == (2, 6, 3, 3)
+
+
+def _attached(seed: int = 0) -> tuple[ToyCNN, dict]:
+    torch.manual_seed(seed)
+    m = ToyCNN()
+    layers = attach_kd_layers(m, None, {"inter": KDLayerSpec("stage3.0", 10, 1.0),
+                                        "penult": KDLayerSpec("stage3", 12, 0.5)}, input_shape=(3, 16, 16))
+    return m, layers
+
+
+def test_attach_runs_in_forward_and_state_dict() -> None:
+    m, layers = _attached()
+    assert layers["inter"].channels == 16 and layers["penult"].num_templates == 12
+    assert any(k.startswith("kd_layers.inter.templates.weight") for k in m.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    m.train()
+    out = m(x)
+    assert out.shape == (3, 5)
+    assert layers["inter"].last_scores.shape == (3, 10, 4, 4)
+    assert layers["penult"].last_scores.shape == (3, 12, 4, 4)
+    # the output differs from the same network without KD layers
+    plain = ToyCNN()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("kd_layers")})
+    plain.train()
+    assert not torch.allclose(plain(x), out)
+
+
+def test_coinciding_taps_apply_in_order() -> None:
+    torch.manual_seed(0)
+    m = ToyCNN()
+    order = []
+    layers = attach_kd_layers(m, None, {"inter": KDLayerSpec("stage3", 4), "penult": KDLayerSpec("stage3", 5)},
+                              input_shape=(3, 16, 16))
+    for name, layer in layers.items():
+        layer.register_forward_hook(lambda *_a, _n=name: order.append(_n))
+    m(torch.randn(2, 3, 16, 16))
+    assert order == ["inter", "penult"]
+
+
+def test_rebuild_and_load_gives_identical_outputs() -> None:
+    m, _ = _attached(0)
+    m.train()
+    m(torch.randn(4, 3, 16, 16))  # move BN running stats
+    m.eval()
+    m2, _ = _attached(1)
+    m2.load_state_dict(m.state_dict())
+    m2.eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(m(x), m2(x), rtol=0, atol=0)
+
+
+def test_onnx_export_matches_onnxruntime() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    m, _ = _attached(0)
+    m.train()
+    m(torch.randn(4, 3, 16, 16))
+    m.eval()
+    x = torch.randn(2, 3, 16, 16)
+    buf = io.BytesIO()
+    torch.onnx.export(m, (x,), buf, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x2 = torch.randn(3, 3, 16, 16)
+    got = sess.run(None, {"images": x2.numpy()})[0]
+    with torch.no_grad():
+        ref = m(x2).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
