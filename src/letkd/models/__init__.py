@@ -1,0 +1,105 @@
+"""The model zoo: ``create(name, num_classes, in_channels)``, ``names()``, ``register`` and ``TAPS``.
+
+Names are RepDistiller's for the CIFAR zoo (``resnet8`` ... ``ShuffleV2``; identical state_dict
+keys and shapes, so published checkpoints load unchanged) and torchvision's for ImageNet models
+(``resnet18``, ``mobilenet_v2`` ...). ``TAPS[name]`` maps tap names (``penultimate``,
+``last_stage_first_block``, ``stem``, ``stage1`` ...) to module paths (METHOD §2).
+Users add models with ``register(name, builder, taps={...})``.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from letkd.models.cifar import ZOO as _CIFAR_ZOO
+from letkd.models.imagenet import TAPS as _IMAGENET_TAPS
+from letkd.models.weights import fingerprint, load_weights
+
+__all__ = ["create", "names", "register", "TAPS", "REGISTRY", "load_weights", "fingerprint",
+           "is_cifar", "UnknownModelError"]
+
+Builder = Callable[..., nn.Module]
+
+#: name -> builder(num_classes=..., in_channels=..., **kw) -> nn.Module
+REGISTRY: dict[str, Builder] = {}
+#: name -> {tap name: module path}
+TAPS: dict[str, dict[str, str]] = {}
+_CIFAR_NAMES: set[str] = set()
+
+
+class UnknownModelError(KeyError, ValueError):
+    """A model name that is not registered (the message lists the valid names)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def register(name: str, fn: Builder, taps: dict[str, str] | None = None, overwrite: bool = False) -> None:
+    """Add a model: ``fn(num_classes=..., in_channels=..., **kw)`` must return an ``nn.Module``.
+
+    ``taps`` maps tap names (at least ``penultimate``, and ``last_stage_first_block`` for
+    letKD-2) to module paths of the built model.
+    """
+    if not overwrite and name in REGISTRY:
+        raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(fn):
+        raise TypeError(f"register({name!r}, fn): fn must be callable, got {type(fn).__name__}")
+    REGISTRY[name] = fn
+    TAPS[name] = dict(taps or {})
+
+
+def names() -> list[str]:
+    """All registered model names (CIFAR zoo first, then ImageNet, then user models)."""
+    return list(REGISTRY)
+
+
+def is_cifar(name: str) -> bool:
+    """Whether ``name`` is one of the RepDistiller-compatible CIFAR models."""
+    return name in _CIFAR_NAMES
+
+
+def create(name: str, num_classes: int = 100, in_channels: int = 3, pretrained: str | None = None,
+           checkpoint: str | Path | None = None, **kw: Any) -> nn.Module:
+    """Build model ``name``.
+
+    ``pretrained``: a torchvision weights enum name (ImageNet models only), e.g.
+    ``"ResNet34_Weights.IMAGENET1K_V1"``. ``checkpoint``: a weights file loaded with
+    :func:`load_weights` (RepDistiller, letkd or plain state_dict). The model carries its tap
+    table as ``model.letkd_taps`` and its name as ``model.letkd_arch``.
+    """
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}.{hint} Valid names: {', '.join(REGISTRY)}")
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
+    if pretrained:
+        if name not in _IMAGENET_TAPS:
+            raise ValueError(f"pretrained={pretrained!r}: torchvision weights exist only for the ImageNet "
+                             f"models ({', '.join(_IMAGENET_TAPS)}); for {name!r} give a checkpoint file")
+        kw["pretrained"] = pretrained
+    model = REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kw)
+    if checkpoint:
+        load_weights(model, checkpoint, arch=name)
+    model.letkd_taps = dict(TAPS.get(name, {}))
+    model.letkd_arch = name
+    return model
+
+
+def _register_builtin() -> None:
+    from letkd.models import imagenet
+
+    for n, (fn, taps) in _CIFAR_ZOO.items():
+        register(n, fn, taps)
+        _CIFAR_NAMES.add(n)
+    for n, taps in _IMAGENET_TAPS.items():
+        def build(num_classes: int = 1000, in_channels: int = 3, _n: str = n, **kw: Any) -> nn.Module:
+            return imagenet.build(_n, num_classes=num_classes, in_channels=in_channels, **kw)
+
+        register(n, build, taps)
+
+
+_register_builtin()
