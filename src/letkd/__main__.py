@@ -1,0 +1,5 @@
+import sys
+
+from letkd.cli import main
+
+sys.exit(main())
