@@ -54,13 +54,21 @@ def cmd_fit_targets(args) -> int:
 
     cfg = _load_cfg(args)
     b = build(cfg)
-    if not hasattr(b.distiller, "fit_or_load_targets"):
+    from letkd.methods.letkd import LetKD, ensure_targets, targets_path_for
+
+    if not isinstance(b.distiller, LetKD) or not b.distiller.needs_targets:
         from letkd.config import ConfigError
 
-        raise ConfigError(f"method {cfg.method_name!r} has no teacher targets to fit; use letkd1, letkd2 or quest")
+        raise ConfigError(f"method {cfg.method_name!r} has no teacher targets to fit; use letkd1, letkd2 or quest "
+                          f"(with a supervised KD layer)")
+    path = targets_path_for(b.distiller, b.data)
+    if args.force and path.exists():
+        path.unlink()
     t0 = time.time()
-    path = b.distiller.fit_or_load_targets(b.data, force=args.force)
-    print(f"targets: {path} ({time.time() - t0:.1f} s)")
+    targets = ensure_targets(b.distiller, b.data, path, progress=cfg.train.progress)
+    print(json.dumps({"targets": str(path), "seconds": round(time.time() - t0, 2),
+                      "timings": targets.get("timings"), "num_samples": targets.get("num_samples")}, indent=2,
+                     default=str))
     return 0
 
 

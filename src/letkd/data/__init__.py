@@ -74,8 +74,20 @@ def build(cfg, *, batch_size: int, test_batch_size: int, device: torch.device | 
           seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False) -> Data:
     """Load the dataset of ``cfg`` (a ``letkd.config.DataConfig``) and return its ``Data``.
 
-    ``batch_size`` / ``test_batch_size`` are GLOBAL (summed over ``world_size`` ranks).
+    ``batch_size`` / ``test_batch_size`` are GLOBAL (summed over ``world_size`` ranks). The
+    returned object also records ``root``, ``train_subset`` and ``subset_seed`` (None when the
+    whole training set is used), which tie cached teacher statistics to the exact data.
     """
+    data = _build(cfg, batch_size=batch_size, test_batch_size=test_batch_size, device=device, seed=seed,
+                  rank=rank, world_size=world_size, channels_last=channels_last)
+    data.root = cfg.root
+    data.train_subset = cfg.train_subset or None
+    data.subset_seed = cfg.subset_seed if cfg.train_subset else None
+    return data
+
+
+def _build(cfg, *, batch_size: int, test_batch_size: int, device: torch.device | str,
+           seed: int, rank: int, world_size: int, channels_last: bool) -> Data:
     name = cfg.name
     if name not in _AUTO:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(_AUTO)}")
