@@ -109,6 +109,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_quickstart(args) -> int:
+    from letkd.quickstart import quickstart
+
+    quickstart(args.out, train_subset=args.train_subset, epochs=args.epochs, seeds=tuple(args.seeds),
+               precision=args.precision, data_root=args.data_root)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from letkd.sweep import run_sweep
+
+    root = run_sweep(args.sweep, out=args.out or None, only=args.only or None, dry_run=args.dry_run)
+    if not args.dry_run:
+        print((root / "results.md").read_text())
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.command == "models":
         from letkd import models
@@ -168,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", "-o", default="")
     s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("quickstart", help="teacher -> targets -> vanilla/KD/DKD/letKD-2 students on Fashion-MNIST, with a table")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--train-subset", type=int, default=12000, help="training images (0: all 60,000)")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--precision", default="auto", choices=["fp32", "bf16", "fp16", "auto"])
+    s.add_argument("--data-root", default="data")
+    s.set_defaults(func=cmd_quickstart)
+
+    s = sub.add_parser("sweep", help="run methods x pairs x seeds from a sweep file (resumable) and tabulate")
+    s.add_argument("sweep", help="sweep YAML (see letkd.sweep)")
+    s.add_argument("--out", default="", help="override the sweep's output folder")
+    s.add_argument("--only", nargs="*", help="run only these labels")
+    s.add_argument("--dry-run", action="store_true", help="list what would run")
+    s.set_defaults(func=cmd_sweep)
 
     for name in ("models", "methods"):
         s = sub.add_parser(name, help=f"list registered {name}")

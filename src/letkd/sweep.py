@@ -1,0 +1,191 @@
+"""``letkd sweep``: methods × pairs × seeds from one file, resumable, with a results table.
+
+A sweep file is plain YAML::
+
+    out: runs/sweeps/fmnist                # every run lives under here
+    seeds: [0, 1, 2]
+    overrides: [train.epochs=3]            # applied to every run (before each run's own)
+    pre:                                   # run once before the others (e.g. teachers), seed as given
+      - {label: teacher_resnet20, config: configs/fashion_mnist/resnet20.yaml}
+    runs:
+      - {label: vanilla, config: configs/fashion_mnist/resnet20_resnet8/vanilla.yaml}
+      - {label: letkd2-a0, config: configs/.../letkd2.yaml, overrides: [method.alpha_inter=0]}
+
+Run directories are ``<out>/<label>/seed<seed>`` (``<out>/<label>`` for ``pre``). A run whose
+``summary.json`` exists is skipped; one with ``checkpoints/last.pt`` is resumed; so a sweep
+killed anywhere continues where it stopped. ``{pre:LABEL}`` in an override is replaced by that
+pre-run's best checkpoint path. The table (``results.md`` / ``results.csv``) gives, per label,
+mean ± std over seeds of best-epoch and last-epoch test accuracy, the seed count, and links to
+each run's config and metrics.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from letkd.config import ConfigError
+
+__all__ = ["SweepRun", "load_sweep", "run_sweep", "collect", "write_tables"]
+
+
+@dataclass
+class SweepRun:
+    label: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    seed: int | None = None
+    run_dir: Path = Path()
+
+
+def _runs_from(entries: Any, key: str, base_dir: Path) -> list[dict]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ConfigError(f"sweep: '{key}' must be a list of {{label, config, overrides}} entries")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "config" not in e or "label" not in e:
+            raise ConfigError(f"sweep: {key}[{i}] needs 'label' and 'config' (got {e!r})")
+        unknown = set(e) - {"label", "config", "overrides"}
+        if unknown:
+            raise ConfigError(f"sweep: {key}[{i}] has unknown keys {sorted(unknown)}; valid: label, config, overrides")
+        cfg = Path(e["config"])
+        out.append({"label": str(e["label"]), "config": str(cfg if cfg.is_absolute() or cfg.exists() else base_dir / cfg),
+                    "overrides": [str(o) for o in e.get("overrides", []) or []]})
+    return out
+
+
+def load_sweep(path: str | Path, out: str | None = None) -> tuple[Path, list[SweepRun], list[SweepRun]]:
+    """Parse a sweep file into (output folder, pre-runs, runs)."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read sweep file {path}: {e}") from None
+    unknown = set(spec) - {"out", "seeds", "overrides", "pre", "runs"}
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown keys {sorted(unknown)}; valid: out, seeds, overrides, pre, runs")
+    root = Path(out or spec.get("out") or Path("runs") / "sweeps" / path.stem)
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"sweep file {path}: seeds must be a list of integers")
+    common = [str(o) for o in spec.get("overrides", []) or []]
+    pre = [SweepRun(e["label"], e["config"], common + e["overrides"], None, root / e["label"])
+           for e in _runs_from(spec.get("pre"), "pre", path.parent)]
+    runs = [SweepRun(e["label"], e["config"], common + e["overrides"], s, root / e["label"] / f"seed{s}")
+            for e in _runs_from(spec.get("runs"), "runs", path.parent) for s in seeds]
+    labels = [r.label for r in pre] + sorted({r.label for r in runs})
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"sweep file {path}: labels must be unique")
+    return root, pre, runs
+
+
+def _overrides(r: SweepRun, pre: dict[str, Path]) -> list[str]:
+    out = []
+    for o in r.overrides:
+        for label, ckpt in pre.items():
+            o = o.replace("{pre:" + label + "}", str(ckpt))
+        out.append(o)
+    if r.seed is not None:
+        out.append(f"train.seed={r.seed}")
+    out.append(f"run.dir={r.run_dir}")
+    return out
+
+
+def run_sweep(path: str | Path, out: str | None = None, only: list[str] | None = None,
+              dry_run: bool = False, log=print) -> Path:
+    """Run what is missing of a sweep (skipping finished runs), then write its tables."""
+    from letkd import config
+    from letkd.engine import dist
+    from letkd.engine.trainer import run
+
+    root, pre, runs = load_sweep(path, out)
+    pre_ckpt = {r.label: r.run_dir / "checkpoints" / "best.pt" for r in pre}
+    todo = [r for r in [*pre, *runs] if not only or r.label in only]
+    for i, r in enumerate(todo, 1):
+        tag = f"[{i}/{len(todo)}] {r.label}" + (f" seed {r.seed}" if r.seed is not None else "")
+        if (r.run_dir / "summary.json").exists():
+            log(f"{tag}: done, skipped")
+            continue
+        if dry_run:
+            log(f"{tag}: would run {r.config} {' '.join(_overrides(r, pre_ckpt))}")
+            continue
+        log(f"{tag}: running -> {r.run_dir}")
+        cfg = config.load(r.config, _overrides(r, pre_ckpt))
+        run(cfg, resume=True)
+    if dist.is_main() and not dry_run:
+        write_tables(root, collect(root, [*pre, *runs]))
+    return root
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def collect(root: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
+    """One row per label: mean ± std of best/last accuracy over the finished seeds."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        s_path = r.run_dir / "summary.json"
+        row = rows.setdefault(r.label, {"label": r.label, "best": [], "last": [], "runs": [], "summary": None,
+                                        "pending": 0})
+        if not s_path.exists():
+            row["pending"] += 1
+            continue
+        s = json.loads(s_path.read_text())
+        row["best"].append(s["best_acc"])
+        row["last"].append(s["last_acc"])
+        row["runs"].append(r.run_dir)
+        row["summary"] = s
+    out = []
+    for row in rows.values():
+        s = row["summary"] or {}
+        bm, bs = _mean_std(row["best"])
+        lm, ls = _mean_std(row["last"])
+        out.append({"label": row["label"], "method": s.get("method"), "teacher": s.get("teacher"),
+                    "student": s.get("student"), "seeds": len(row["best"]), "pending": row["pending"],
+                    "best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls,
+                    "best_all": row["best"], "last_all": row["last"],
+                    "params_student": s.get("params_student"), "params_extra": s.get("params_extra"),
+                    "images_per_second": s.get("images_per_second"), "epochs": s.get("epochs"),
+                    "runs": [str(p) for p in row["runs"]]})
+    return out
+
+
+def _fmt(m: float | None, s: float | None) -> str:
+    return "–" if m is None else f"{m:.2f} ± {s:.2f}"
+
+
+def write_tables(root: Path, rows: list[dict[str, Any]]) -> None:
+    """results.md and results.csv in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "method", "teacher", "student", "seeds", "best_mean", "best_std", "last_mean",
+                    "last_std", "best_all", "last_all", "params_student", "params_extra", "images_per_second",
+                    "epochs"])
+        for r in rows:
+            w.writerow([r["label"], r["method"], r["teacher"], r["student"], r["seeds"], r["best_mean"], r["best_std"],
+                        r["last_mean"], r["last_std"], " ".join(map(str, r["best_all"])),
+                        " ".join(map(str, r["last_all"])), r["params_student"], r["params_extra"],
+                        r["images_per_second"], r["epochs"]])
+    lines = ["| run | method | teacher → student | seeds | best-epoch acc (%) | last-epoch acc (%) | extra params | img/s | logs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        links = " ".join(f"[{Path(p).name}]({Path(p).relative_to(root).as_posix()}/metrics.jsonl)"
+                         for p in r["runs"] if Path(p).is_relative_to(root))
+        ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "–"
+        pend = f" (+{r['pending']} pending)" if r["pending"] else ""
+        lines.append(f"| {r['label']} | {r['method']} | {r['teacher'] or '–'} → {r['student']} | {r['seeds']}{pend} | "
+                     f"{_fmt(r['best_mean'], r['best_std'])} | {_fmt(r['last_mean'], r['last_std'])} | "
+                     f"{r['params_extra'] if r['params_extra'] is not None else '–'} | {ips} | {links} |")
+    (root / "results.md").write_text("\n".join(lines) + "\n\nmean ± sample std over seeds; best = best test "
+                                     "accuracy over epochs, last = accuracy after the final epoch.\n")
