@@ -5,6 +5,7 @@
     letkd fit-targets CONFIG [key=value ...]
     letkd evaluate CHECKPOINT [key=value ...]
     letkd export CHECKPOINT --format onnx [--output FILE]
+    letkd report RUN_OR_SWEEP_DIR [--out DIR] [--images N]
     letkd models | methods | taps MODEL
 """
 from __future__ import annotations
@@ -126,6 +127,15 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from letkd.report import make_report
+
+    written = make_report(args.path, out=args.out or None, images=args.images, overrides=list(args.overrides),
+                          checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.command == "models":
         from letkd import models
@@ -201,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", nargs="*", help="run only these labels")
     s.add_argument("--dry-run", action="store_true", help="list what would run")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("report", help="PNG curves, method comparison and KD-layer template maps of a run or sweep")
+    s.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
+    s.add_argument("overrides", nargs="*", help="config overrides for loading the test images, e.g. data.root=...")
+    s.add_argument("--out", default="", help="output folder (default: RUN_OR_SWEEP_DIR/report)")
+    s.add_argument("--images", type=int, default=8, help="test images in the template maps (0: none)")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="checkpoint for template maps")
+    s.set_defaults(func=cmd_report)
 
     for name in ("models", "methods"):
         s = sub.add_parser(name, help=f"list registered {name}")
