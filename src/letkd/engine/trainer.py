@@ -67,18 +67,22 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _lr_factor(cfg: Config):
-    """Learning-rate multiplier for a 1-based epoch (METHOD §4: ×gamma at each milestone)."""
-    t = cfg.train
+def _lr_factor(cfg: Config, steps_per_epoch: int):
+    """Learning-rate multiplier after ``i`` optimiser steps (the scheduler steps every iteration).
 
-    def factor(epoch_index: int) -> float:  # LambdaLR passes the 0-based count of steps taken
-        epoch = epoch_index + 1
-        if t.warmup_epochs and epoch <= t.warmup_epochs:
-            warm = epoch / t.warmup_epochs
-        else:
-            warm = 1.0
+    ``multistep`` (METHOD §4): ×gamma for each milestone epoch already completed — constant
+    within an epoch, as RepDistiller's per-epoch schedule. ``cosine``: annealed per iteration
+    from 1 to 0 over the whole run. ``warmup_epochs``: linear ramp per iteration first.
+    """
+    t = cfg.train
+    spe = max(int(steps_per_epoch), 1)
+    total = spe * t.epochs
+
+    def factor(i: int) -> float:
+        epoch = i // spe + 1
+        warm = min(1.0, (i + 1) / (spe * t.warmup_epochs)) if t.warmup_epochs else 1.0
         if t.schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / t.epochs))
+            return warm * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
         return warm * t.gamma ** sum(epoch > m for m in t.milestones)
 
     return factor
@@ -166,6 +170,9 @@ def build_distiller(cfg: Config, info: dict[str, Any], device: torch.device, din
     params = dict(cfg.method)
     distiller = methods.create(params.pop("name"), student, teacher, ctx, params)
     if cfg.train.sync_bn and dinfo.distributed:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU (gloo) implementation; "
+                              "set train.sync_bn=false on CPU (each rank then normalises with its own batch statistics)")
         distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
     distiller.to(device)
     if cfg.train.channels_last:
@@ -271,12 +278,19 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     precision = resolve_precision(cfg.train.precision, device)
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)
     cfg.run.dir = str(run_dir)
-    do_resume = False
-    if dinfo.main:
-        do_resume = _prepare_run_dir(cfg, run_dir, resume)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfgmod.to_dict(cfg), sort_keys=False))
-    do_resume = dist.broadcast_object(do_resume)
+    do_resume, err = False, None
+    if dinfo.main:  # only rank 0 touches the run directory; the others learn the outcome
+        try:
+            do_resume = _prepare_run_dir(cfg, run_dir, resume)
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfgmod.to_dict(cfg), sort_keys=False))
+        except RunDirError as e:
+            err = str(e)
+            if not dinfo.distributed:
+                raise
+    do_resume, err = dist.broadcast_object((do_resume, err))
+    if err is not None:
+        raise RunDirError(err)
 
     b = build(cfg, device, dinfo)
     distiller, data = b.distiller, b.data
@@ -286,7 +300,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     params = distiller.trainable_parameters()
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, nesterov=cfg.train.nesterov and cfg.train.momentum > 0,
                           weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, data.steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     start_epoch, best_acc, best_epoch, trained_seconds, trained_images = 1, -1.0, 0, 0.0, 0
@@ -310,24 +324,18 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     step_module: nn.Module = _TrainStep(distiller)
     if dinfo.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if distiller.teacher is not None:  # the frozen teacher is not part of DDP
-            ignore = [f"distiller.teacher.{n}" for n, _ in distiller.teacher.named_parameters()]
-            ignore += [f"distiller.teacher.{n}" for n, _ in distiller.teacher.named_buffers()]
-            DDP._set_params_and_buffers_to_ignore_for_model(step_module, ignore)
-        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        step_module = _wrap_ddp(step_module, distiller, data, device, precision, start_epoch)
 
     logger = MetricsLogger(run_dir, resume_epoch=start_epoch - 1, tensorboard=cfg.run.tensorboard) if dinfo.main else None
     deploy = distiller.deployable()
     last_acc, epoch = None, start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
-            row = _train_epoch(cfg, step_module, distiller, data, opt, scaler, epoch, device, precision, dinfo)
-            sched.step()
+            row = _train_epoch(cfg, step_module, distiller, data, opt, sched, scaler, epoch, device, precision, dinfo)
             trained_seconds += row["train_seconds"]
             trained_images += row["train_images"]
             if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+                _broadcast_buffers(deploy)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
                 ev = evaluate(deploy, data.test_batches(), device, precision)
                 row.update(test_acc=ev["acc"], test_loss=ev["loss"])
                 last_acc = ev["acc"]
@@ -370,9 +378,86 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "precision": precision, "channels_last": cfg.train.channels_last, "device": str(device),
         "world_size": dinfo.world_size, "letkd_version": letkd.__version__, "run_dir": str(run_dir),
     }
+    summary = dist.broadcast_object(summary)  # identical on every rank (rank 0's timings)
     if dinfo.main:
         write_json_atomic(summary, run_dir / "summary.json")
     return summary
+
+
+def _ddp_ignored(distiller: methods.Distiller) -> list[str]:
+    """Names (in the ``_TrainStep`` module) that DDP must neither synchronise nor broadcast:
+    the frozen teacher, non-persistent buffers (constants derived identically on every rank,
+    e.g. letKD's targets) and the buffers of modules with ``ddp_replicated_buffers = True``
+    (kept identical by their own collectives, e.g. CRD's memory)."""
+    ignore = []
+    if distiller.teacher is not None:
+        ignore += [f"distiller.teacher.{n}" for n, _ in distiller.teacher.named_parameters()]
+        ignore += [f"distiller.teacher.{n}" for n, _ in distiller.teacher.named_buffers()]
+    for mname, mod in distiller.named_modules():
+        if mname == "teacher" or mname.startswith("teacher."):
+            continue
+        replicated = getattr(mod, "ddp_replicated_buffers", False)
+        for bname, buf in mod.named_buffers(recurse=False):
+            if buf is not None and (replicated or bname in mod._non_persistent_buffers_set):
+                ignore.append(f"distiller.{mname + '.' if mname else ''}{bname}")
+    return ignore
+
+
+def _has_unused_parameters(distiller: methods.Distiller, data, device: torch.device, precision: str,
+                           epoch: int) -> bool:
+    """Whether one ``forward_train`` on a small random batch leaves a trainable parameter without
+    a gradient (e.g. SimKD never uses the student's own classifier). Parameters, buffers and
+    RNG states are restored afterwards. Any failure of the probe answers True (the safe choice)."""
+    params = distiller.trainable_parameters()
+    state = {k: v.detach().clone() for k, v in distiller.state_dict().items() if not k.startswith("teacher.")}
+    was = distiller.training
+    cuda = [device] if device.type == "cuda" else []
+    info = data.info
+    n = max(2, min(4, data.batch_size // max(data.world_size, 1)))
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            distiller.train()
+            x = torch.randn(n, info.in_channels, *info.image_size, device=device)
+            y = torch.arange(n, device=device) % info.num_classes
+            with autocast_context(precision, device):
+                _, losses = distiller.forward_train(x, y, index=torch.arange(n, device=device), epoch=epoch)
+            sum(v.float() for v in losses.values()).backward()
+            unused = [p for p in params if p.grad is None]
+        return bool(unused)
+    except Exception:  # noqa: BLE001 - a probe that fails must not stop training
+        return True
+    finally:
+        for p in params:
+            p.grad = None
+        distiller.load_state_dict(state, strict=False)
+        distiller.train(was)
+
+
+def _wrap_ddp(step_module: nn.Module, distiller: methods.Distiller, data, device: torch.device,
+              precision: str, epoch: int) -> nn.Module:
+    """DDP around ``_TrainStep(distiller)``: the teacher and replicated buffers ignored,
+    ``find_unused_parameters`` only when the method leaves some parameter without a gradient
+    (all ranks agree: the probe's answer is max-reduced)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(step_module, _ddp_ignored(distiller))
+    flag = torch.tensor([float(_has_unused_parameters(distiller, data, device, precision, epoch))], device=device)
+    find_unused = bool(dist.all_reduce_max(flag).item())
+    return DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=find_unused)
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank (no-op when single).
+    DDP broadcasts them at the start of each forward, but that forward then updates them with
+    the rank's own batch; this makes the evaluated model the one rank 0 saves."""
+    if not dist.initialized():
+        return
+    import torch.distributed as tdist
+
+    for buf in module.buffers():
+        if buf is not None:
+            tdist.broadcast(buf, src=0)
 
 
 def _cpu_state(module: nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -380,11 +465,12 @@ def _cpu_state(module: nn.Module, skip_prefix: str | None = None) -> dict[str, t
             if not (skip_prefix and k.startswith(skip_prefix))}
 
 
-def _train_epoch(cfg: Config, step_module: nn.Module, distiller: methods.Distiller, data, opt, scaler,
+def _train_epoch(cfg: Config, step_module: nn.Module, distiller: methods.Distiller, data, opt, sched, scaler,
                  epoch: int, device: torch.device, precision: str, dinfo: dist.DistInfo) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     distiller.train()
+    lr_start = opt.param_groups[0]["lr"]
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
@@ -396,7 +482,10 @@ def _train_epoch(cfg: Config, step_module: nn.Module, distiller: methods.Distill
         with autocast_context(precision, device):
             logits, losses = step_module(images, labels, index=batch["index"], epoch=epoch)
         loss = sum(v.float() for v in losses.values())
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss)
+        if dinfo.distributed:  # every rank stops together (none is left waiting in backward)
+            finite = dist.all_reduce_max((~finite).float().reshape(1))[0] == 0
+        if not finite:
             terms = {k: float(v) for k, v in losses.items()}
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step}: {terms}. The last good checkpoint is "
                                 f"kept; lower train.lr, use train.precision=fp32, or set train.grad_clip.")
@@ -407,6 +496,7 @@ def _train_epoch(cfg: Config, step_module: nn.Module, distiller: methods.Distill
             torch.nn.utils.clip_grad_norm_(distiller.trainable_parameters(), cfg.train.grad_clip)
         scaler.step(opt)
         scaler.update()
+        sched.step()
         n = labels.numel()
         seen += n
         for k, v in losses.items():
@@ -418,12 +508,12 @@ def _train_epoch(cfg: Config, step_module: nn.Module, distiller: methods.Distill
                             img_s=f"{seen * dinfo.world_size / elapsed:.0f}")
         bar.update(1)
     bar.close()
-    seconds = time.time() - t0
+    seconds = float(dist.all_reduce_max(torch.tensor([time.time() - t0], dtype=torch.float64, device=device))[0])
     keys = sorted(sums)
     vec = torch.stack([sums[k] for k in keys] + [correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
     dist.all_reduce_sum(vec)
     total = max(vec[-1].item(), 1.0)
-    row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
+    row: dict[str, Any] = {"epoch": epoch, "lr": lr_start}
     for i, k in enumerate(keys):
         row[f"loss_{k}"] = vec[i].item() / total
     row["loss"] = sum(row[f"loss_{k}"] for k in keys)
