@@ -25,6 +25,14 @@ Defaults (RepDistiller ``train_student.py`` / mdistiller ``CFG.CRD``): ``feat_di
 ``nce_k = 16384``, ``nce_t = 0.07``, ``nce_mom = 0.5``, ``weight = 0.8`` (README ``-b 0.8``;
 mdistiller FEAT_WEIGHT 0.8), ``ce_weight = 1``; tap ``penultimate`` global-average-pooled (both
 use the pooled ``feat[-1]``); memory init uniform in ±1/sqrt(D/3) (RepDistiller ContrastMemory).
+
+DDP (docs/scaling.md): every rank holds the whole memory. Negatives are drawn for the WHOLE
+global batch (indices and labels all-gathered; every rank's RNG is seeded alike) and each rank
+keeps its rows; the normalisation constants ``Z`` come from the whole global batch; the memory
+update writes the all-gathered embeddings of the global batch. So the memory is identical on
+every rank and equal to the single-process memory (up to per-rank BatchNorm statistics in the
+embeddings), and DDP need not broadcast it (``ddp_replicated_buffers``). Scores and the NCE
+loss are computed in fp32.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from letkd.config import ConfigError
+from letkd.engine import dist
 from letkd.methods._common import LossDistiller
 from letkd.methods.base import Context, register
 from letkd.methods.losses import crd_nce_loss, embedding
@@ -57,8 +66,12 @@ class ContrastMemory(nn.Module):
     """Memory of past embeddings of both sides; returns the normalised scores of eq. (18).
 
     Buffers only (no parameters): they are saved in checkpoints so resumed runs continue
-    exactly. ``z`` holds the two normalisation constants (−1 until set).
+    exactly. ``z`` holds the two normalisation constants (−1 until set). Under DDP the buffers
+    are kept identical on every rank by construction (see the module docstring), so the trainer
+    leaves them out of DDP's buffer broadcast (``ddp_replicated_buffers``).
     """
+
+    ddp_replicated_buffers = True
 
     def __init__(self, dim: int, num_data: int, k: int, t: float, momentum: float,
                  mode: str = "bank", negatives: str = "other_class") -> None:
@@ -120,17 +133,36 @@ class ContrastMemory(nn.Module):
 
     # -- scores ---------------------------------------------------------------------------------
     def _normalise(self, out: torch.Tensor, which: int) -> torch.Tensor:
-        if float(self.z[which]) < 0:
-            self.z[which] = out.detach().mean() * self.num_data
+        if float(self.z[which]) < 0:  # same on every rank: z is never rank-local
+            if dist.world_size() > 1:  # the mean over the whole global batch
+                s = torch.stack([out.detach().double().sum(), torch.tensor(float(out.numel()), dtype=torch.float64,
+                                                                             device=out.device)])
+                s = dist.all_reduce_sum(s)
+                self.z[which] = (s[0] / s[1]).float() * self.num_data
+            else:
+                self.z[which] = out.detach().mean() * self.num_data
         return out / self.z[which].clone()
+
+    def _global(self, v_s: torch.Tensor, v_t: torch.Tensor, index: torch.Tensor, labels: torch.Tensor):
+        """The global batch under DDP: ``(v_s, v_t, index, labels, offset of this rank's rows)``."""
+        ids, sizes = dist.all_gather_cat(torch.stack([index, labels], 1), with_sizes=True)
+        vv = dist.all_gather_cat(torch.cat([v_s.detach().float(), v_t.detach().float()], 1))
+        d = v_s.shape[1]
+        return vv[:, :d], vv[:, d:], ids[:, 0], ids[:, 1], sum(sizes[:dist.rank()])
 
     def forward(self, v_s: torch.Tensor, v_t: torch.Tensor, index: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Returns ``(scores_s, scores_t, valid)``: ``scores_s`` anchors the student embedding
         against teacher memory, ``scores_t`` the teacher embedding against student memory
         (each ``B × (1+K)``, column 0 positive); ``valid`` masks negatives (queue) or None."""
+        distributed = dist.world_size() > 1
+        if distributed:
+            g_s, g_t, g_index, g_labels, off = self._global(v_s, v_t, index, labels)
         if self.mode == "bank":
-            idx = self.sample(index, labels)
+            if distributed:  # negatives of the whole global batch (as one process would draw them), our rows
+                idx = self.sample(g_index, g_labels)[off:off + index.shape[0]]
+            else:
+                idx = self.sample(index, labels)
             w_t = self.mem_t[idx].detach()                 # B × (1+K) × D
             w_s = self.mem_s[idx].detach()
             logit_s = torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2)
@@ -142,8 +174,11 @@ class ContrastMemory(nn.Module):
             valid = self.indices[None, :] != index[:, None]
             if self.negatives == "other_class":
                 valid = valid & (self.labels[None, :] != labels[:, None])
-        out_s = self._normalise(torch.exp(logit_s / self.t), 0)
-        out_t = self._normalise(torch.exp(logit_t / self.t), 1)
+        with torch.autocast(device_type=logit_s.device.type, enabled=False):  # fp32 scores
+            out_s = self._normalise(torch.exp(logit_s.float() / self.t), 0)
+            out_t = self._normalise(torch.exp(logit_t.float() / self.t), 1)
+        if distributed:  # every rank writes the whole global batch: memories stay identical
+            v_s, v_t, index, labels = g_s, g_t, g_index, g_labels
         if self.mode == "bank":
             self.update_bank(v_s, v_t, index, labels)
         else:

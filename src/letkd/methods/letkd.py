@@ -306,21 +306,32 @@ def ensure_targets(distiller: LetKD, data: Any, path: str | os.PathLike | None =
 
     A mismatching or unreadable file at an explicitly chosen path (``method.targets``) is an
     error; at the default cache path it is re-fitted and replaced (with a message).
+
+    Under DDP (``data.world_size > 1``, every rank calls this with its sharded ``data``): rank 0
+    alone reads the file and decides; if it must be fitted, every rank streams its shard and
+    :func:`letkd.targets.fit.fit_targets` reduces the statistics (K-means on rank 0); rank 0
+    saves the artifact and sends its contents to the other ranks (no shared filesystem needed).
     """
+    from letkd.engine import dist
+
     path = Path(path) if path is not None else targets_path_for(distiller, data)
     want = expected_meta(distiller, data)
-    if path.is_file():
-        try:
-            targets = load_targets(path, want)
-            distiller.set_targets(targets)
-            return targets
-        except ValueError as e:
-            if distiller.params.targets:
-                raise
-            print(f"[letkd] re-fitting targets: {e}", file=sys.stderr)
-    if getattr(data, "world_size", 1) > 1:
-        raise RuntimeError(f"targets artifact {path} is missing; fit it once in a single process "
-                           "(`letkd fit-targets ...`) before a distributed run")
+    distributed = getattr(data, "world_size", 1) > 1 and dist.world_size() > 1
+
+    def _load() -> dict[str, Any] | None:
+        if path.is_file():
+            try:
+                return load_targets(path, want)
+            except ValueError as e:
+                if distiller.params.targets:
+                    raise
+                print(f"[letkd] re-fitting targets: {e}", file=sys.stderr)
+        return None
+
+    targets = dist.on_main(_load) if distributed else _load()
+    if targets is not None:
+        distiller.set_targets(targets)
+        return targets
     p = distiller.params
     extra = {k: want[k] for k in ("dataset", "num_train", "train_subset", "subset_seed") if k in want}
     extra["tau"] = p.tau  # recorded for information; it only acts online
@@ -330,7 +341,11 @@ def ensure_targets(distiller: LetKD, data: Any, path: str | os.PathLike | None =
         penult_pool=distiller.t_pools.get("penult"), inter_pool=distiller.t_pools.get("inter"),
         num_classes=distiller.ctx.num_classes, k_penult=p.k_penult, k_sub=p.k_sub, lda_dim=p.lda_dim,
         kmeans_iters=p.kmeans_iters, max_samples=p.max_samples or None, seed=p.target_seed,
-        progress=progress, teacher_fingerprint=want["teacher_fingerprint"], meta=extra)
-    save_targets(path, targets)
+        progress=progress and dist.is_main(), teacher_fingerprint=want["teacher_fingerprint"], meta=extra,
+        distributed=distributed)
+    if distributed:  # rank 0's artifact, exactly, on every rank
+        targets = dist.on_main(lambda: (save_targets(path, targets), targets)[1])
+    else:
+        save_targets(path, targets)
     distiller.set_targets(targets)
     return targets

@@ -76,6 +76,36 @@ class ClassStats:
         self.sums.index_add_(0, y, xs)
         self.second.addmm_(xs.t(), xs)
 
+    def all_reduce(self) -> "ClassStats":
+        """Sum the statistics of every DDP rank (each streamed its shard); no-op when single.
+
+        The ranks' second moments are about different shifts (their first batches' means): each
+        is first moved to a common shift ``s`` (the mean of the ranks' shifts) with
+        ``Σ(x−s)(x−s)ᵀ = M + S δᵀ + δ Sᵀ + n δδᵀ``, ``δ = s_r − s``, ``S = Σ(x − s_r)``; then
+        counts, sums and moments are summed in float64. Every rank ends with the same result.
+        """
+        from letkd.engine import dist
+
+        if dist.world_size() == 1:
+            return self
+        dev = self.counts.device
+        mine = self.shift if self.shift is not None else torch.zeros(self.dim, dtype=torch.float64, device=dev)
+        has = torch.tensor([1.0 if self.shift is not None else 0.0], dtype=torch.float64, device=dev)
+        both = dist.all_reduce_sum(torch.cat([mine * has, has]))
+        if float(both[-1]) == 0:
+            return self
+        common = both[:-1] / both[-1]
+        if self.shift is not None:
+            delta = self.shift - common
+            s_tot = self.sums.sum(0)
+            n = self.counts.sum()
+            self.second += torch.outer(s_tot, delta) + torch.outer(delta, s_tot) + n * torch.outer(delta, delta)
+            self.sums += self.counts[:, None] * delta[None, :]
+        self.shift = common
+        for t in (self.counts, self.sums, self.second):
+            dist.all_reduce_sum(t)
+        return self
+
     @property
     def total(self) -> int:
         return int(self.counts.sum().item())
@@ -223,6 +253,19 @@ class DecisionStats:
         h1 = assign_subclasses(z, y.to(z.device), self.centres.to(z.device)).cpu()
         self.proto_sums.index_add_(0, h1, z.detach().cpu().double())
         self.h1_counts += torch.bincount(h1, minlength=self.m)
+
+    def all_reduce_prototypes(self) -> None:
+        """Sum the prototype sums and counts of every DDP rank (no-op when single)."""
+        from letkd.engine import dist
+
+        dist.all_reduce_sum(self.proto_sums)
+        dist.all_reduce_sum(self.h1_counts)
+
+    def all_reduce_decisions(self) -> None:
+        """Sum the ``h1 -> h2`` counts of every DDP rank (no-op when single)."""
+        from letkd.engine import dist
+
+        dist.all_reduce_sum(self.counts)
 
     def finish_prototypes(self) -> torch.Tensor:
         """Step 3 (finish): prototypes = means; empty sub-classes keep their centre."""

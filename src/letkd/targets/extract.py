@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from letkd.models.taps import capture
 
-__all__ = ["FeatureBatch", "RowSampler", "stream_features", "to_rows", "pool_to_size"]
+__all__ = ["FeatureBatch", "RowSampler", "stream_features", "to_rows", "pool_to_size", "row_positions",
+           "sample_keys", "select_rows"]
 
 
 class FeatureBatch(NamedTuple):
@@ -88,21 +90,62 @@ def stream_features(teacher: nn.Module, batches: Iterable[Any], paths: Mapping[s
         teacher.train(was_training)
 
 
+def row_positions(index: torch.Tensor) -> torch.Tensor:
+    """Global positions of per-location rows: ``image_index · H·W + location``, from the
+    per-row image index of a :class:`FeatureBatch` (each image's H·W rows are consecutive).
+    In a single process over the whole set in order this is just the row counter."""
+    index = index.detach().cpu().long()
+    if index.numel() == 0:
+        return index
+    hw = int((index == index[0]).sum())
+    return index * hw + torch.arange(index.numel()) % hw
+
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def sample_keys(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """A uniform [0, 1) key per row, a fixed function of ``(seed, position)`` (SplitMix64).
+
+    Keys depend on the row's global position, not on the order or the process that streamed
+    it: the sample is the same in one process and sharded over DDP ranks."""
+    with np.errstate(over="ignore"):
+        x = positions.detach().cpu().numpy().astype(np.uint64)
+        z = x * np.uint64(0x9E3779B97F4A7C15) + np.uint64((int(seed) * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53))
+
+
+def select_rows(rows: torch.Tensor, extra: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor | None,
+                cap: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``cap`` rows with the smallest keys (all rows when ``cap`` or ``keys`` is None), in
+    position order: how :class:`RowSampler` and its distributed merge pick their sample."""
+    if cap is not None and keys is not None and len(keys) > cap:
+        keep = torch.topk(keys, cap, largest=False).indices
+        rows, extra, pos = rows[keep], extra[keep], pos[keep]
+    order = torch.argsort(pos)
+    return rows[order], extra[order]
+
+
 class RowSampler:
     """Keep all streamed rows, or a uniform random sample of at most ``cap`` of them.
 
-    Sampling (``cap`` not None) gives every row an i.i.d. uniform random key (from a generator
-    seeded with ``seed``) and keeps the ``cap`` rows with the smallest keys — a uniform sample
-    without replacement, deterministic for a given stream order and seed. Memory stays below
-    ``2·cap + batch`` rows: the buffer is compacted whenever it exceeds ``2·cap``. Rows are
-    stored on the CPU; :meth:`result` returns the kept rows in stream order.
+    Sampling (``cap`` not None) gives every row a uniform random key that is a fixed function
+    of ``(seed, global row position)`` (:func:`sample_keys`) and keeps the ``cap`` rows with the
+    smallest keys — a uniform sample without replacement that does not depend on the stream
+    order nor on how the rows were sharded over DDP ranks. Positions default to the stream
+    counter. Memory stays below ``2·cap + batch`` rows: the buffer is compacted whenever it
+    exceeds ``2·cap``. Rows are stored on the CPU; :meth:`result` returns the kept rows in
+    position order; :meth:`parts` gives what a distributed merge needs.
     """
 
     def __init__(self, cap: int | None = None, seed: int = 0) -> None:
         if cap is not None and cap < 1:
             raise ValueError(f"sample cap must be >= 1 or None, got {cap}")
         self.cap = cap
-        self.gen = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
         self.seen = 0
         self._rows: list[torch.Tensor] = []
         self._extra: list[torch.Tensor] = []
@@ -110,16 +153,21 @@ class RowSampler:
         self._pos: list[torch.Tensor] = []
         self._n = 0
 
-    def add(self, rows: torch.Tensor, extra: torch.Tensor | None = None) -> None:
-        """Offer ``rows`` (n×d) with an optional aligned 1-D ``extra`` (e.g. labels)."""
+    def add(self, rows: torch.Tensor, extra: torch.Tensor | None = None,
+            positions: torch.Tensor | None = None) -> None:
+        """Offer ``rows`` (n×d) with an optional aligned 1-D ``extra`` (e.g. labels) and their
+        global ``positions`` (default: the stream counter)."""
         n = rows.shape[0]
         if n == 0:
             return
         self._rows.append(rows.detach().cpu())
         self._extra.append((extra if extra is not None else torch.zeros(n, dtype=torch.long)).detach().cpu())
-        self._pos.append(torch.arange(self.seen, self.seen + n))
+        pos = torch.arange(self.seen, self.seen + n) if positions is None else positions.detach().cpu().long()
+        if pos.shape[0] != n:
+            raise ValueError(f"RowSampler.add: {n} rows but {pos.shape[0]} positions")
+        self._pos.append(pos)
         if self.cap is not None:
-            self._keys.append(torch.rand(n, generator=self.gen, dtype=torch.float64))
+            self._keys.append(sample_keys(self.seed, pos))
         self.seen += n
         self._n += n
         if self.cap is not None and self._n > 2 * self.cap:
@@ -135,14 +183,26 @@ class RowSampler:
         self._n = len(pos)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept rows, their extras), in stream order."""
+        """(kept rows, their extras), in position order."""
         if not self._rows:
             return torch.empty(0), torch.empty(0, dtype=torch.long)
+        rows, extra, pos, keys = self.parts()
+        return select_rows(rows, extra, pos, keys, self.cap)
+
+    def parts(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The kept ``(rows, extras, positions, keys)`` (keys None when uncapped), unordered, for a
+        merge across ranks with :func:`select_rows`. ``width``: the row width to use when this
+        sampler saw no rows."""
+        if not self._rows:
+            rows = torch.empty(0, width or 0)
+            return rows, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), \
+                (torch.empty(0, dtype=torch.float64) if self.cap is not None else None)
         if self.cap is not None:
             self._compact()
         rows, extra, pos = torch.cat(self._rows), torch.cat(self._extra), torch.cat(self._pos)
-        order = torch.argsort(pos)
         self._rows, self._extra, self._pos = [rows], [extra], [pos]
+        keys = None
         if self.cap is not None:
-            self._keys = [torch.cat(self._keys)]
-        return rows[order], extra[order]
+            keys = torch.cat(self._keys)
+            self._keys = [keys]
+        return rows, extra, pos, keys

@@ -14,6 +14,18 @@ Passes (each streams the whole training set through the frozen teacher, one batc
 Without a cap pass 2 holds every location's LDA features, so passes 3 and 4 run over that
 in-memory copy (same result, no further teacher passes). Every location is counted in the
 LDA statistics, the prototypes and ``S``; only the K-means fits may be given a sample.
+
+**Distributed** (``distributed=True``, under torchrun; ``batches_fn`` yields this rank's shard,
+as ``Data.plain_train_batches`` does): every pass streams only the rank's shard. The exact
+statistics are all-reduced (LDA class counts / sums / second moments, prototype sums and
+counts, the ``h1 -> h2`` counts of ``S``). The K-means fits run on rank 0 alone: each rank
+keeps its part of the sample (a row is kept by a key that is a fixed function of its global
+position, :func:`letkd.targets.extract.sample_keys`), rank 0 gathers the parts (all rows when
+uncapped), selects exactly the rows one process would select, fits, and broadcasts the
+centres; the other ranks wait (gloo group with a long timeout, ``LETKD_DIST_TIMEOUT_MIN``).
+Hence the result equals the single-process fit up to floating-point summation order. Rank 0
+gathers only the K-means sample (``max_samples`` rows, or every row when uncapped, as one
+process would hold).
 """
 from __future__ import annotations
 
@@ -26,9 +38,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from letkd.engine import dist
 from letkd.targets.codebook import fit_codebook
 from letkd.targets.decisions import ClassStats, DecisionStats, fit_lda, fit_subclass_centres, lda_project
-from letkd.targets.extract import RowSampler, stream_features
+from letkd.targets.extract import RowSampler, row_positions, select_rows, stream_features
 
 __all__ = ["fit_targets", "lda_dimension"]
 
@@ -42,8 +55,40 @@ def lda_dimension(lda_dim: int, channels: int, num_classes: int) -> int:
 
 
 def _log(progress: bool, msg: str) -> None:
-    if progress:
+    if progress and dist.is_main():
         print(f"[letkd fit-targets] {msg}", file=sys.stderr, flush=True)
+
+
+def _width(local: int, distributed: bool) -> int:
+    """The row width, agreed over ranks (a rank may have seen no rows)."""
+    if not distributed:
+        return local
+    return int(dist.all_reduce_max(torch.tensor([local], dtype=torch.long))[0])
+
+
+def _merged(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]], cap: int | None,
+            distributed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sample of rows (grouped by ``extra``, ``cap`` per group, position order within a group,
+    groups in increasing order) from every rank's sampler parts. None on ranks other than 0."""
+    rows = torch.cat([p[0] for p in parts])
+    extra = torch.cat([p[1] for p in parts])
+    pos = torch.cat([p[2] for p in parts])
+    keys = torch.cat([p[3] for p in parts]) if cap is not None else None
+    if distributed:
+        got = dist.gather_cat([rows, extra, pos] + ([keys] if keys is not None else []))
+        if got is None:
+            return None
+        rows, extra, pos = got[:3]
+        keys = got[3] if keys is not None else None
+    out_r, out_e = [], []
+    for c in torch.unique(extra).tolist():
+        m = extra == c
+        r, e = select_rows(rows[m], extra[m], pos[m], keys[m] if keys is not None else None, cap)
+        out_r.append(r)
+        out_e.append(e)
+    if not out_r:
+        return rows[:0], extra[:0]
+    return torch.cat(out_r), torch.cat(out_e)
 
 
 def fit_targets(teacher: nn.Module, teacher_arch: str | None, batches_fn: Callable[[], Iterable[Any]], *,
@@ -52,7 +97,7 @@ def fit_targets(teacher: nn.Module, teacher_arch: str | None, batches_fn: Callab
                 num_classes: int, k_penult: int = 4096, k_sub: int = 8, lda_dim: int = 60,
                 kmeans_iters: int = 20, max_samples: int | None = None, seed: int = 0,
                 progress: bool = True, teacher_fingerprint: str | None = None,
-                meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                meta: dict[str, Any] | None = None, distributed: bool = False) -> dict[str, Any]:
     """Fit the penultimate codebook (Alg. 1) and/or the intermediate decisions (Alg. 2).
 
     ``batches_fn()`` returns a fresh iterable over the un-augmented training batches (dicts with
@@ -60,7 +105,9 @@ def fit_targets(teacher: nn.Module, teacher_arch: str | None, batches_fn: Callab
     teacher module paths (None: skip that part); ``*_pool`` the student's H×W at that layer
     (None: keep the teacher's size). ``max_samples`` caps the K-means inputs (None or 0: all).
     Returns the artifact dict of :mod:`letkd.targets.artifact` (``meta`` entries are added to
-    its metadata, e.g. dataset name and size).
+    its metadata, e.g. dataset name and size). ``distributed``: every DDP rank calls this with
+    its own shard of the batches (with their ``index``) and gets the same result (module
+    docstring); ignored when the process group has one rank.
     """
     if penult_path is None and inter_path is None:
         raise ValueError("fit_targets: nothing to fit (penult_path and inter_path are both None)")
@@ -73,33 +120,48 @@ def fit_targets(teacher: nn.Module, teacher_arch: str | None, batches_fn: Callab
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
     device = next(iter(teacher.parameters())).device
+    distributed = bool(distributed) and dist.world_size() > 1
 
     # ---- pass 1: codebook sample + LDA statistics ----------------------------------------
     t0 = time.perf_counter()
     sampler = RowSampler(cap, seed) if penult_path else None
     stats: ClassStats | None = None
+    widths = {"penult": 0, "inter": 0}
     for fb in stream_features(teacher, batches_fn(), paths, pools):
         if sampler is not None:
-            sampler.add(fb.feats["penult"])
+            widths["penult"] = fb.feats["penult"].shape[1]
+            sampler.add(fb.feats["penult"], positions=row_positions(fb.index["penult"]))
         if inter_path is not None:
             x = fb.feats["inter"]
             if stats is None:
                 stats = ClassStats(num_classes, x.shape[1], device)
             stats.update(x, fb.labels["inter"])
+    if inter_path is not None and distributed:
+        dim = _width(stats.dim if stats is not None else 0, True)
+        if stats is None and dim > 0:   # a rank with an empty shard still takes part
+            stats = ClassStats(num_classes, dim, device)
+        if stats is not None:
+            stats.all_reduce()
     timings["pass1_features"] = time.perf_counter() - t0
     _log(progress, f"pass 1: {timings['pass1_features']:.1f}s")
 
     out: dict[str, Any] = {"penult": None, "inter": None}
     if sampler is not None:
         t0 = time.perf_counter()
-        rows, _ = sampler.result()
-        counts["penult_locations"] = sampler.seen
-        counts["penult_kmeans_rows"] = int(rows.shape[0])
-        centroids = fit_codebook(rows, k_penult, kmeans_iters, seed)
-        del rows
+        width = _width(widths["penult"], distributed)
+        sample = _merged([sampler.parts(width)], cap, distributed)
+        seen = torch.tensor([sampler.seen], dtype=torch.long)
+        counts["penult_locations"] = int(dist.all_reduce_sum(seen)[0]) if distributed else sampler.seen
+
+        def _codebook() -> tuple[torch.Tensor, int]:
+            rows = sample[0]
+            return fit_codebook(rows, k_penult, kmeans_iters, seed), int(rows.shape[0])
+
+        centroids, counts["penult_kmeans_rows"] = dist.on_main(_codebook) if distributed else _codebook()
+        del sample
         out["penult"] = {"centroids": centroids}
         timings["codebook_kmeans"] = time.perf_counter() - t0
-        _log(progress, f"codebook: K={k_penult} on {counts['penult_kmeans_rows']}/{sampler.seen} locations "
+        _log(progress, f"codebook: K={k_penult} on {counts['penult_kmeans_rows']}/{counts['penult_locations']} locations "
                        f"in {timings['codebook_kmeans']:.1f}s")
 
     lda_d = None
@@ -120,23 +182,31 @@ def fit_targets(teacher: nn.Module, teacher_arch: str | None, batches_fn: Callab
         mean_d, W_d = mean.to(device), W.to(device)
         for fb in stream_features(teacher, batches_fn(), {"inter": paths["inter"]}, {"inter": inter_pool}):
             z, y = lda_project(fb.feats["inter"], mean_d, W_d), fb.labels["inter"]
+            pos = row_positions(fb.index["inter"])
             if all_rows is not None:
-                all_rows.add(z, y)
+                all_rows.add(z, y, positions=pos)
                 continue
             for c in torch.unique(y).tolist():
                 if c not in samplers:
                     samplers[c] = RowSampler(per_cap, seed + 1 + c)
-                samplers[c].add(z[y == c])
+                m = (y == c).cpu()
+                samplers[c].add(z[y == c], y[y == c], positions=pos[m])
         if all_rows is not None:
-            z_all, y_all = all_rows.result()
+            z_loc, y_loc = all_rows.result()   # this rank's rows, kept for passes 3-4
+            parts = [all_rows.parts(lda_d)]
         else:
-            parts = [(s.result()[0], c) for c, s in sorted(samplers.items())]
-            z_all = torch.cat([p for p, _ in parts])
-            y_all = torch.cat([torch.full((len(p),), c, dtype=torch.long) for p, c in parts])
-        counts["inter_kmeans_rows"] = int(z_all.shape[0])
+            parts = [s.parts(lda_d) for _, s in sorted(samplers.items())] or [RowSampler(per_cap).parts(lda_d)]
+        sample = _merged(parts, per_cap, distributed)
+        del parts
         timings["pass2_lda_features"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        centres, _filler = fit_subclass_centres(z_all, y_all, num_classes, k_sub, kmeans_iters, seed)
+
+        def _subclasses() -> tuple[torch.Tensor, int]:
+            z_all, y_all = sample
+            return fit_subclass_centres(z_all, y_all, num_classes, k_sub, kmeans_iters, seed)[0], int(z_all.shape[0])
+
+        centres, counts["inter_kmeans_rows"] = dist.on_main(_subclasses) if distributed else _subclasses()
+        del sample
         timings["subclass_kmeans"] = time.perf_counter() - t0
         _log(progress, f"sub-classes: {num_classes}×{k_sub} centres on {counts['inter_kmeans_rows']}/"
                        f"{stats.total} locations, d={lda_d}")
@@ -144,27 +214,33 @@ def fit_targets(teacher: nn.Module, teacher_arch: str | None, batches_fn: Callab
         # ---- passes 3-4: prototypes, decisions, score matrix ---------------------------
         dec = DecisionStats(centres)
         t0 = time.perf_counter()
-        if all_rows is not None:   # every location is in memory: no further teacher passes
-            dec.add_prototypes(z_all, y_all)
+        if all_rows is not None:   # every location (of this rank) is in memory: no further teacher passes
+            dec.add_prototypes(z_loc, y_loc)
+            if distributed:
+                dec.all_reduce_prototypes()
             dec.finish_prototypes()
             timings["pass3_prototypes"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            dec.add_decisions(z_all, y_all)
+            dec.add_decisions(z_loc, y_loc)
+            del z_loc, y_loc
         else:
-            del z_all, y_all
             for fb in stream_features(teacher, batches_fn(), {"inter": paths["inter"]}, {"inter": inter_pool}):
                 dec.add_prototypes(lda_project(fb.feats["inter"], mean_d, W_d), fb.labels["inter"])
+            if distributed:
+                dec.all_reduce_prototypes()
             dec.finish_prototypes()
             timings["pass3_prototypes"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             for fb in stream_features(teacher, batches_fn(), {"inter": paths["inter"]}, {"inter": inter_pool}):
                 dec.add_decisions(lda_project(fb.feats["inter"], mean_d, W_d), fb.labels["inter"])
+        if distributed:
+            dec.all_reduce_decisions()
         timings["pass4_decisions"] = time.perf_counter() - t0
         n_counted = int(dec.counts.sum())
         if n_counted != stats.total:
             raise RuntimeError(f"fit_targets: {n_counted} locations counted in S but {stats.total} in the LDA "
                                "statistics; the training batches must be identical on every pass")
-        out["inter"] = {"mean": mean, "W": W, "eigenvalues": evals, "centres": centres,
+        out["inter"] = {"mean": mean.cpu(), "W": W.cpu(), "eigenvalues": evals.cpu(), "centres": centres,
                         "prototypes": dec.prototypes, "empty": dec.empty, "counts": dec.counts,
                         "S": dec.score_matrix()}
         _log(progress, f"decisions: {int(dec.empty.sum())} empty sub-classes; "
