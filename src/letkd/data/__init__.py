@@ -57,6 +57,14 @@ def _subset(labels: torch.Tensor, n: int, num_classes: int, seed: int, what: str
     return balanced_subset(labels, n, num_classes, seed, what) if n > 0 else None
 
 
+def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    """Every label must be a class index 0..num_classes-1 (else CE fails deep inside torch, or worse, silently)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise DataFormatError(f"{what}: labels must be class indices 0..{num_classes - 1}, found {bad.numel()} "
+                              f"out of range (e.g. {int(bad[0])}); the data files are corrupted or not the official ones")
+
+
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     s = torch.zeros(images.shape[1], dtype=torch.float64)
     s2 = torch.zeros_like(s)
@@ -111,6 +119,9 @@ def _build(cfg, *, batch_size: int, test_batch_size: int, device: torch.device |
             train, val, test, names = load_tiny_imagenet(cfg.root)
             ch, mean, std, pad_mode = 3, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, "reflect"
         nc = len(names)
+        for split_name, split in (("training", train), ("validation", val), ("test", test)):
+            if split is not None:
+                _check_labels(split.labels, nc, f"{name} {split_name} set (data.root={cfg.root})")
         if (i := _subset(train.labels, cfg.train_subset, nc, cfg.subset_seed, "training set")) is not None:
             train = train.subset(i)
         if (i := _subset(test.labels, cfg.test_subset, nc, cfg.subset_seed, "test set")) is not None:

@@ -18,13 +18,17 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "DataFormatError", "read_idx", "restricted_pickle_load", "read_cifar_pickle",
+    "DataFormatError", "RefusedPickleError", "read_idx", "restricted_pickle_load", "read_cifar_pickle",
     "safe_extract_tar", "safe_extract_zip",
 ]
 
 
 class DataFormatError(ValueError):
     """A data file exists but is not in the expected format (or is truncated)."""
+
+
+class RefusedPickleError(DataFormatError, pickle.UnpicklingError):
+    """A data pickle that holds something other than plain data and numpy arrays (never run)."""
 
 
 # --------------------------------------------------------------------------------------- idx
@@ -124,8 +128,10 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             obj = restricted_pickle_load(f)
-    except pickle.UnpicklingError:
-        raise
+    except pickle.UnpicklingError as e:
+        if "refused" in str(e):
+            raise RefusedPickleError(f"{path}: {e}") from None
+        raise DataFormatError(f"{path}: not a readable CIFAR python pickle (UnpicklingError: {e})") from None
     except Exception as e:  # truncated / not a pickle
         raise DataFormatError(f"{path}: not a readable CIFAR python pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):

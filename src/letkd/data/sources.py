@@ -135,7 +135,10 @@ def _cifar_read(folder: Path) -> tuple[Split, Split, list[str]]:
         if len(x) != len(y):
             raise DataFormatError(f"{folder / split}: {len(x)} images but {len(y)} fine_labels")
         if len(y) and (y.min() < 0 or y.max() > 99):
-            raise DataFormatError(f"{folder / split}: fine_labels must be 0..99")
+            bad = y[(y < 0) | (y > 99)]
+            raise DataFormatError(f"{folder / split}: fine_labels must be 0..99 (CIFAR-100 has 100 classes); found "
+                                  f"{len(bad)} out-of-range label(s), e.g. {int(bad[0])}; the file is not the "
+                                  f"official CIFAR-100 one (download it again)")
         splits.append(Split(torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)))
     return splits[0], splits[1], names
 

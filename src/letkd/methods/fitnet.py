@@ -72,6 +72,11 @@ class FitNet(LossDistiller):
         self.t_name = params.teacher_tap or params.tap
         s_shape = self.tap([params.tap])[params.tap]
         t_shape = self.teacher_tap([self.t_name])[self.t_name]
+        for who, name, shape in (("tap", params.tap, s_shape), ("teacher_tap", self.t_name, t_shape)):
+            if len(shape) != 3:
+                raise ValueError(f"method.{who}={name!r} outputs features of shape {tuple(shape)} per image; FitNet "
+                                 f"needs a C×H×W feature map (4-D batch): choose a convolutional stage "
+                                 f"(`letkd taps MODEL` lists the named taps)")
         self.regressor = ConvRegressor(s_shape, t_shape)
 
     def distill_losses(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,

@@ -121,6 +121,17 @@ def _hinton_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torc
                     reduction="batchmean") * T * T
 
 
+def _check_maps(who: str, taps: dict[str, str], paths: dict[str, str], shapes: dict[str, Any]) -> None:
+    """KD layers (and their targets) work on C×H×W feature maps: name a tap that gives anything else."""
+    for role, path in paths.items():
+        shape = tuple(shapes[role])
+        if len(shape) != 3:
+            raise ValueError(
+                f"method.{who}_{role}_tap={taps[role]!r} (module {path!r}) outputs features of shape {shape} per "
+                f"image; a KD layer needs a C×H×W feature map (4-D batch). Choose a convolutional module "
+                f"(`letkd taps MODEL --all` lists the module paths)")
+
+
 @register("letkd2", LetKDParams)
 class LetKD(Distiller):
     """letKD (METHOD.md): KD layers attached in the student, targets from the teacher (Alg. 3).
@@ -142,6 +153,7 @@ class LetKD(Distiller):
         s_taps = {"inter": p.student_inter_tap, "penult": p.student_penult_tap}
         self.s_paths = {r: resolve(student, s_taps[r], ctx.student_arch) for r in self.ROLES if used[r]}
         s_shapes = feature_shapes(student, self.s_paths, ctx.input_shape)
+        _check_maps("student", s_taps, self.s_paths, s_shapes)
         k = {"inter": p.k_sub * ctx.num_classes, "penult": p.k_penult}
         alpha = {"inter": p.alpha_inter, "penult": p.alpha_penult}
         specs = {r: KDLayerSpec(self.s_paths[r], k[r], alpha[r], channels=s_shapes[r][0])
@@ -156,6 +168,8 @@ class LetKD(Distiller):
         self.t_pools: dict[str, tuple[int, int] | None] = {}
         if self.t_names:
             t_shapes = self.teacher_tap(sorted(set(self.t_names.values())))
+            _check_maps("teacher", self.t_names, {r: resolve(teacher, n, ctx.teacher_arch) for r, n in self.t_names.items()},
+                        {r: t_shapes[n] for r, n in self.t_names.items()})
             for r, name in self.t_names.items():
                 self.t_paths[r] = resolve(teacher, name, ctx.teacher_arch)
                 self.t_channels[r] = int(t_shapes[name][0])

@@ -34,14 +34,26 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # e.g. "invalid load key": not a torch file at all
+            raise ValueError(f"weights file {path} ({path.stat().st_size} bytes) is truncated or corrupted, or not a "
+                             f"torch checkpoint (UnpicklingError: {_first_line(e)})") from None
         raise ValueError(
             f"{path} contains pickled Python objects (not only tensors and plain data), so it cannot "
-            f"be loaded safely with torch.load(weights_only=True). If you trust the file, re-save "
-            f"just its tensors: torch.save({{'model': model.state_dict()}}, 'clean.pt').{_offender(e)}"
+            f"be loaded safely with torch.load(weights_only=True); it was refused and nothing in it ran. "
+            f"If you trust the file, re-save just its tensors: "
+            f"torch.save({{'model': model.state_dict()}}, 'clean.pt').{_offender(e)}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable torch weights file: {e}") from e
+    except Exception as e:  # noqa: BLE001 - RuntimeError (zip), EOFError, KeyError (garbage), OSError, ...
+        raise ValueError(f"weights file {path} ({path.stat().st_size} bytes) is truncated or corrupted, or not a "
+                         f"torch checkpoint, and cannot be read ({type(e).__name__}: {_first_line(e)}); "
+                         f"use another copy of it") from None
     return extract_state_dict(obj, where=str(path))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    picked = [line for line in lines if "Unsupported" in line] or lines
+    return picked[0].strip().split(". ")[0][:300] if picked else "no detail"
 
 
 def _offender(err: Exception) -> str:

@@ -18,6 +18,7 @@ file is detected by comparing metadata field by field (:func:`load_targets`).
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,6 +78,12 @@ def meta_mismatches(file_meta: Mapping[str, Any], expected: Mapping[str, Any]) -
     return out
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    picked = [line for line in lines if "Unsupported" in line] or lines
+    return picked[0].strip().split(". ")[0][:300] if picked else "no detail"
+
+
 def load_targets(path: str | os.PathLike, expected_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read a targets artifact (``weights_only=True``) and check its metadata.
 
@@ -89,9 +96,18 @@ def load_targets(path: str | os.PathLike, expected_meta: Mapping[str, Any] | Non
         raise FileNotFoundError(f"targets artifact {path} does not exist (create it with `letkd fit-targets`)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a class: never executed
+        if "weights only" not in str(e).lower():  # e.g. "invalid load key": garbage, not a refusal
+            raise ValueError(f"targets artifact {path} ({path.stat().st_size} bytes) is truncated or corrupted and "
+                             f"cannot be read (UnpicklingError: {_first_line(e)}); delete it and fit the targets "
+                             f"again (`letkd fit-targets`)") from None
+        raise ValueError(f"targets artifact {path} contains pickled Python objects that are not plain tensors/data; "
+                         f"it was refused (loading it could execute code). Delete it and fit the targets again "
+                         f"(`letkd fit-targets`). Detail: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - any reader failure means an unusable file
-        raise ValueError(f"targets artifact {path} is truncated or corrupted and cannot be read "
-                         f"({type(e).__name__}: {e}); delete it and fit the targets again") from e
+        raise ValueError(f"targets artifact {path} ({path.stat().st_size} bytes) is truncated or corrupted and "
+                         f"cannot be read ({type(e).__name__}: {_first_line(e)}); delete it and fit the targets "
+                         f"again (`letkd fit-targets`)") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("meta"), dict):
         raise ValueError(f"{path} is not a letkd targets artifact (no '{FORMAT}' format marker / meta)")
     if obj.get("format_version") != FORMAT_VERSION:
