@@ -32,3 +32,19 @@ def letkd(*args, check=True, timeout=600, **kw):
     if check and p.returncode != 0:
         raise AssertionError(f"letkd {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def letkd_inproc(*args, check=True):
+    """Run the letkd CLI in this process (same code path as the command, without paying for a
+    new interpreter and torch import); returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from letkd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    if check and rc != 0:
+        raise AssertionError(f"letkd {' '.join(map(str, args))} failed ({rc}):\n{out.getvalue()}\n{err.getvalue()}")
+    return rc, out.getvalue(), err.getvalue()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, TINY, letkd, needs_fmnist
+from conftest import ROOT, TINY, letkd, letkd_inproc, needs_fmnist
 from letkd.engine.checkpoint import load_file
 
 pytestmark = needs_fmnist
@@ -21,14 +21,15 @@ PER_METHOD = {"crd": ["method.nce_k=256"], "letkd1": ["method.k_penult=64", "met
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher") / "t"
-    letkd("train-teacher", ROOT / "configs" / "fashion_mnist" / "resnet8.yaml", *TINY, "train.epochs=2", f"run.dir={run}")
+    letkd_inproc("train-teacher", ROOT / "configs" / "fashion_mnist" / "resnet8.yaml", *TINY, "train.epochs=2",
+                 f"run.dir={run}")
     return run / "checkpoints" / "best.pt"
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_one_epoch(method, teacher, tmp_path):
     run = tmp_path / method
-    letkd("distill", PAIR / f"{method}.yaml", *TINY, *SMALL, f"teacher.checkpoint={teacher}", f"run.dir={run}",
+    letkd_inproc("distill", PAIR / f"{method}.yaml", *TINY, *SMALL, f"teacher.checkpoint={teacher}", f"run.dir={run}",
           f"method.targets_dir={tmp_path}" if method in ("quest", "letkd1", "letkd2") else "train.seed=0",
           *PER_METHOD.get(method, []))
     s = json.loads((run / "summary.json").read_text())
@@ -39,8 +40,8 @@ def test_every_method_one_epoch(method, teacher, tmp_path):
 
 def test_letkd2_params_extra_evaluate_export(teacher, tmp_path):
     run = tmp_path / "l2"
-    letkd("distill", PAIR / "letkd2.yaml", *TINY, *SMALL, f"teacher.checkpoint={teacher}", f"run.dir={run}",
-          f"method.targets_dir={tmp_path}", *PER_METHOD["letkd2"])
+    letkd_inproc("distill", PAIR / "letkd2.yaml", *TINY, *SMALL, f"teacher.checkpoint={teacher}", f"run.dir={run}",
+                 f"method.targets_dir={tmp_path}", *PER_METHOD["letkd2"])
     s = json.loads((run / "summary.json").read_text())
     # resnet8: both KD layers on 64-channel maps; K_penult = 64, K_inter = 8 * 10 = 80
     assert s["params_extra"] == (2 * 64 * 64 + 2 * 64 + 2) + (2 * 64 * 80 + 2 * 80 + 2)
@@ -53,6 +54,7 @@ def test_letkd2_params_extra_evaluate_export(teacher, tmp_path):
     rep = json.loads(letkd("export", run / "checkpoints" / "last.pt", "-o", tmp_path / "s.onnx").stdout)
     assert rep["max_abs_diff"] < 1e-4
     # the cached targets are reused (no refit) by a second run and by fit-targets
-    out = json.loads(letkd("fit-targets", PAIR / "letkd2.yaml", *TINY, *SMALL, f"teacher.checkpoint={teacher}",
-                           f"method.targets_dir={tmp_path}", *PER_METHOD["letkd2"]).stdout)
+    _, stdout, _ = letkd_inproc("fit-targets", PAIR / "letkd2.yaml", *TINY, *SMALL, f"teacher.checkpoint={teacher}",
+                                f"method.targets_dir={tmp_path}", *PER_METHOD["letkd2"])
+    out = json.loads(stdout)
     assert out["targets"].startswith(str(tmp_path)) and out["seconds"] < 30
