@@ -434,17 +434,13 @@ def test_nan_in_epoch_two_keeps_epoch_one_checkpoint(fast, tmp_path, monkeypatch
     assert [r["epoch"] for r in _rows(run)] == [1, 2, 3]
 
 
-# ------------------------------------------------------ known gaps (need trainer / cli patches)
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
-                   reason="needs trainer patch: rebuild_deployable raises RuntimeError, which the CLI does not catch")
+# ------------------------------------------------------ checkpoints and run files that are not what they claim
 def test_evaluate_plain_state_dict_is_clear_error(teacher, tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"model": load_file(teacher / "checkpoints" / "best.pt")["model"]}, plain)
     expect_error("evaluate", plain, needles=[plain, "not a letkd checkpoint"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="needs trainer patch: run() reads ck['distiller'] etc. unchecked (CLI prints a bare key)")
 def test_resume_from_non_training_checkpoint_is_clear_error(fast, teacher, tmp_path):
     import shutil
 
@@ -456,8 +452,6 @@ def test_resume_from_non_training_checkpoint_is_clear_error(fast, teacher, tmp_p
                  "--resume", needles=[last, "distiller"])
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="needs trainer patch: config.yaml is written non-atomically and read unguarded on --resume")
 def test_resume_with_torn_config_yaml_is_clear_error(fast, teacher, tmp_path):
     import shutil
 

@@ -38,15 +38,17 @@ def cmd_train(args) -> int:
 
             raise ConfigError("train-teacher trains a network alone: the config must have method.name=vanilla "
                               "and no teacher.name (use `letkd distill` for distillation)")
-    summary = run(cfg, resume=args.resume)
     from letkd.engine import dist
 
-    if dist.is_main():
-        print(json.dumps({k: summary[k] for k in ("method", "teacher", "student", "dataset", "seed", "epochs",
-                                                  "best_acc", "last_acc", "best_epoch", "params_student",
-                                                  "params_extra", "images_per_second", "wall_seconds", "run_dir")},
-                         indent=2))
-    dist.shutdown()
+    try:
+        summary = run(cfg, resume=args.resume)
+        if dist.is_main():
+            print(json.dumps({k: summary[k] for k in ("method", "teacher", "student", "dataset", "seed", "epochs",
+                                                      "best_acc", "last_acc", "best_epoch", "params_student",
+                                                      "params_extra", "images_per_second", "wall_seconds",
+                                                      "run_dir")}, indent=2))
+    finally:
+        dist.shutdown()
     return 0
 
 
@@ -62,11 +64,21 @@ def cmd_fit_targets(args) -> int:
 
         raise ConfigError(f"method {cfg.method_name!r} has no teacher targets to fit; use letkd1, letkd2 or quest "
                           f"(with a supervised KD layer)")
+    from letkd.engine import dist
+
     path = targets_path_for(b.distiller, b.data)
-    if args.force and path.exists():
-        path.unlink()
+    if args.force and dist.is_main():
+        path.unlink(missing_ok=True)
+    dist.barrier()
     t0 = time.time()
-    targets = ensure_targets(b.distiller, b.data, path, progress=cfg.train.progress)
+    try:
+        targets = ensure_targets(b.distiller, b.data, path, progress=cfg.train.progress)
+    finally:
+        if not dist.is_main():
+            dist.shutdown()
+    if not dist.is_main():
+        return 0
+    dist.shutdown()
     print(json.dumps({"targets": str(path), "seconds": round(time.time() - t0, 2),
                       "timings": targets.get("timings"), "num_samples": targets.get("num_samples")}, indent=2,
                      default=str))
@@ -85,7 +97,10 @@ def cmd_evaluate(args) -> int:
 
         ck["config"] = config.to_dict(config.load(None, args.overrides, base=ck["config"]))
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg, _ = rebuild_deployable(ck, device)
+    try:
+        model, cfg, _ = rebuild_deployable(ck, device)
+    except ValueError as e:
+        raise ValueError(f"{args.checkpoint}: {e}") from None
     from letkd import data as datamod
 
     data = datamod.build(cfg.data, batch_size=cfg.train.batch_size, test_batch_size=cfg.train.test_batch_size,
@@ -105,7 +120,10 @@ def cmd_export(args) -> int:
 
     ck = load_file(args.checkpoint)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
-    report = export_onnx(ck, out, verify=not args.no_verify)
+    try:
+        report = export_onnx(ck, out, verify=not args.no_verify)
+    except ValueError as e:
+        raise ValueError(f"{args.checkpoint}: {e}") from None
     print(json.dumps(report, indent=2))
     return 0
 

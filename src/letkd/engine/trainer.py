@@ -187,7 +187,8 @@ def rebuild_deployable(ckpt: dict[str, Any], device: torch.device | str = "cpu")
     ``ckpt['model']``). Returns ``(model, config, data_info)``."""
     for key in ("config", "model", "data_info"):
         if key not in ckpt:
-            raise RuntimeError(f"not a letkd checkpoint: key {key!r} is missing (keys: {sorted(ckpt)[:12]})")
+            raise ValueError(f"not a letkd checkpoint: key {key!r} is missing (keys: {sorted(ckpt)[:12]}); "
+                             f"evaluate/export take a checkpoint written by a letkd run (checkpoints/best.pt or last.pt)")
     cfg = cfgmod.from_dict(ckpt["config"])
     info = ckpt["data_info"]
     cfg.train.channels_last = False
@@ -195,7 +196,7 @@ def rebuild_deployable(ckpt: dict[str, Any], device: torch.device | str = "cpu")
     model = distiller.deployable()
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model rebuilt from its config: missing keys "
+        raise ValueError(f"checkpoint does not match the model rebuilt from its config: missing keys "
                            f"{missing[:10]}, unexpected keys {unexpected[:10]}")
     model.eval()
     return model, cfg, info
@@ -252,7 +253,11 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> bool:
         if cfg.run.overwrite:
             shutil.rmtree(run_dir)
         elif resume:
-            old = yaml.safe_load(cfg_file.read_text()) or {}
+            try:
+                old = yaml.safe_load(cfg_file.read_text()) or {}
+            except (yaml.YAMLError, OSError) as e:
+                raise RunDirError(f"cannot resume {run_dir}: {cfg_file} is unreadable ({type(e).__name__}), probably "
+                                  f"torn by a crash; use --overwrite to start the run again") from None
             diff = _config_diff(old, cfgmod.to_dict(cfg))
             if diff:
                 raise RunDirError(f"cannot resume {run_dir}: its config differs from this one:\n  " + "\n  ".join(diff)
@@ -283,7 +288,11 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         try:
             do_resume = _prepare_run_dir(cfg, run_dir, resume)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfgmod.to_dict(cfg), sort_keys=False))
+            for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # left by a kill during a write
+                stale.unlink(missing_ok=True)
+            tmp = run_dir / ".config.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(cfgmod.to_dict(cfg), sort_keys=False))
+            os.replace(tmp, run_dir / "config.yaml")
         except RunDirError as e:
             err = str(e)
             if not dinfo.distributed:
@@ -307,6 +316,11 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     last_path = run_dir / "checkpoints" / "last.pt"
     if do_resume:
         ck = load_file(last_path)
+        need = {"distiller", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_acc", "best_epoch"}
+        if not isinstance(ck, dict) or need - set(ck):
+            raise RunDirError(f"{last_path} is not a letkd training checkpoint (missing "
+                              f"{sorted(need - set(ck)) if isinstance(ck, dict) else 'everything'}); use the last.pt "
+                              f"a run wrote, or --overwrite")
         missing, unexpected = distiller.load_state_dict(ck["distiller"], strict=False)
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
@@ -486,7 +500,7 @@ def _train_epoch(cfg: Config, step_module: nn.Module, distiller: methods.Distill
         if dinfo.distributed:  # every rank stops together (none is left waiting in backward)
             finite = dist.all_reduce_max((~finite).float().reshape(1))[0] == 0
         if not finite:
-            terms = {k: float(v) for k, v in losses.items()}
+            terms = {k: float(v.detach()) for k, v in losses.items()}
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step}: {terms}. The last good checkpoint is "
                                 f"kept; lower train.lr, use train.precision=fp32, or set train.grad_clip.")
         opt.zero_grad(set_to_none=True)

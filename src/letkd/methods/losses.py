@@ -1,10 +1,14 @@
 """Loss formulas of the baseline methods, one function per published equation.
 
 Every function takes plain tensors (logits or features) and returns an *unweighted* scalar;
-the methods multiply by their weights. Where a formula has several conventions the docstring
+the methods multiply by their weights. Each loss is computed in fp32 whatever the autocast
+context (``@fp32``: autocast off, floating tensor arguments cast to float32), so bf16/fp16
+training changes the networks' arithmetic, never the distillation formulas. Where a formula has several conventions the docstring
 names the one used (and the reference implementation it matches).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +19,27 @@ __all__ = [
     "pairwise_distances", "rkd_distance_loss", "rkd_angle_loss", "vid_nll", "crd_nce_loss",
     "hcl_loss",
 ]
+
+
+def fp32(fn):
+    """Run a loss with autocast disabled and its floating tensor arguments (also inside lists) in fp32."""
+
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.float()
+        if isinstance(v, (list, tuple)):
+            return type(v)(cast(x) for x in v)
+        return v
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [cast(a) for a in args]
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=dev, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # -- small shared helpers ---------------------------------------------------------------------
@@ -49,6 +74,7 @@ def warmup_factor(epoch: int | None, warmup: float, method: str = "") -> float:
 
 
 # -- logit distillation ---------------------------------------------------------------------------
+@fp32
 def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torch.Tensor:
     """Hinton et al. 2015, eq. (2): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, mean over the batch.
 
@@ -59,6 +85,7 @@ def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torch.T
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * (T * T)
 
 
+@fp32
 def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
              T: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, eq. (7): returns
@@ -85,6 +112,7 @@ def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tenso
 
 
 # -- feature distillation -----------------------------------------------------------------------
+@fp32
 def hint_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Romero et al., "FitNets", ICLR 2015, eq. (3): ``mean((r(s) - t)²)`` (the regressor
     ``r`` is applied by the caller; RepDistiller ``HintLoss`` = ``nn.MSELoss`` mean)."""
@@ -99,6 +127,7 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(q.flatten(1), dim=1)
 
 
+@fp32
 def at_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """AT, eq. (2) with β/2 folded into the weight: ``mean((Q_s/‖Q_s‖ - Q_t/‖Q_t‖)²)`` over
     batch and locations (RepDistiller ``Attention.at_loss``). Larger map pooled to the smaller."""
@@ -106,6 +135,7 @@ def at_loss(s: torch.Tensor, t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
 
 
+@fp32
 def sp_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Tung & Mori, "Similarity-Preserving KD", ICCV 2019, eq. (4):
     ``‖norm(G_t) - norm(G_s)‖_F² / b²`` with ``G = F Fᵀ`` on flattened features and row-wise
@@ -116,6 +146,7 @@ def sp_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (g_t - g_s).pow(2).sum() / (b * b)
 
 
+@fp32
 def pkt_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Passalis & Tefas, "Probabilistic Knowledge Transfer", ECCV 2018, eqs. (9)-(12) with the
     cosine kernel ``K(a,b) = (cos(a,b) + 1)/2``: conditional probabilities
@@ -141,6 +172,7 @@ def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return d2.sqrt().masked_fill(eye, 0.0)
 
 
+@fp32
 def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Park et al., "Relational Knowledge Distillation", CVPR 2019, eqs. (5)-(6): Huber
     (smooth-L1, δ=1) between the pairwise distances divided by their mean over distinct pairs."""
@@ -153,6 +185,7 @@ def rkd_distance_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(d_s, d_t)
 
 
+@fp32
 def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """RKD eqs. (7)-(8): Huber between the cosines ``<e_ij, e_kj>`` of every triplet, where
     ``e_ij = (x_i - x_j)/‖x_i - x_j‖``, averaged over all b³ triplets (reference code)."""
@@ -167,6 +200,7 @@ def rkd_angle_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(cosines(s), a_t)
 
 
+@fp32
 def vid_nll(mu: torch.Tensor, t: torch.Tensor, log_scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Ahn et al., "Variational Information Distillation", CVPR 2019, eq. (5) up to constants:
     Gaussian negative log-likelihood ``½ (log σ_c² + (t - μ)² / σ_c²)`` with per-channel
@@ -176,6 +210,7 @@ def vid_nll(mu: torch.Tensor, t: torch.Tensor, log_scale: torch.Tensor, eps: flo
     return (0.5 * ((mu - t).pow(2) / var + var.log())).mean()
 
 
+@fp32
 def crd_nce_loss(scores: torch.Tensor, num_data: int, valid: torch.Tensor | None = None,
                  eps: float = 1e-7) -> torch.Tensor:
     """Tian et al., "Contrastive Representation Distillation", ICLR 2020, eq. (18) (NCE form):
@@ -197,6 +232,7 @@ def crd_nce_loss(scores: torch.Tensor, num_data: int, valid: torch.Tensor | None
     return -(log_d1.sum() + log_d0.sum()) / b
 
 
+@fp32
 def hcl_loss(s_feats: list[torch.Tensor], t_feats: list[torch.Tensor],
              levels: tuple[int, ...] = (4, 2, 1)) -> torch.Tensor:
     """Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021, hierarchical
