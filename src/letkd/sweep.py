@@ -11,7 +11,7 @@ A sweep file is plain YAML::
       - {label: vanilla, config: configs/fashion_mnist/resnet20_resnet8/vanilla.yaml}
       - {label: letkd2-a0, config: configs/.../letkd2.yaml, overrides: [method.alpha_inter=0]}
 
-Run directories are ``<out>/<label>/seed<seed>`` (``<out>/<label>`` for ``pre``). A run whose
+Config paths are relative to the sweep file. Run directories are ``<out>/<label>/seed<seed>`` (``<out>/<label>`` for ``pre``). A run whose
 ``summary.json`` exists is skipped; one with ``checkpoints/last.pt`` is resumed; so a sweep
 killed anywhere continues where it stopped. ``{pre:LABEL}`` in an override is replaced by that
 pre-run's best checkpoint path. The table (``results.md`` / ``results.csv``) gives, per label,
@@ -56,7 +56,7 @@ def _runs_from(entries: Any, key: str, base_dir: Path) -> list[dict]:
         if unknown:
             raise ConfigError(f"sweep: {key}[{i}] has unknown keys {sorted(unknown)}; valid: label, config, overrides")
         cfg = Path(e["config"])
-        out.append({"label": str(e["label"]), "config": str(cfg if cfg.is_absolute() or cfg.exists() else base_dir / cfg),
+        out.append({"label": str(e["label"]), "config": str(cfg if cfg.is_absolute() else base_dir / cfg),
                     "overrides": [str(o) for o in e.get("overrides", []) or []]})
     return out
 

@@ -1,0 +1,64 @@
+"""Time and peak memory of `letkd fit-targets` (offline teacher statistics, METHOD §3).
+
+Each measurement runs the real command in a fresh process and reads that process's peak
+resident memory (``ru_maxrss`` of the child). With ``--subsets N 2N`` it shows whether peak
+memory grows with the dataset (it should not beyond the K-means sample cap).
+
+    python benchmarks/fit_targets.py --config configs/fashion_mnist/resnet20_resnet8/letkd2.yaml \
+        --subsets 0 --out benchmarks/results/fit_targets_fmnist.json
+    python benchmarks/fit_targets.py --config ... --subsets 15000 30000 --set method.max_samples=100000 \
+        --out benchmarks/results/fit_targets_scaling.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def measure(config: str, subset: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "letkd", "fit-targets", config, f"data.train_subset={subset}",
+               f"method.targets_dir={tmp}", "train.progress=false", *extra]
+        log = Path(tmp) / "out.txt"
+        t0 = time.time()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (peak RSS in KiB)
+        wall = time.time() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        text = log.read_text()
+        if proc.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{text}")
+        peak_kib = usage.ru_maxrss
+        out = json.loads(text[text.index("{\n"):])
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*.pt"))
+    return {"train_subset": subset or "all", "command": " ".join(cmd[1:]).replace(tmp, "<tmp>"),
+            "wall_seconds": round(wall, 1), "fit_seconds": out["seconds"], "timings": out["timings"],
+            "num_samples": out["num_samples"], "peak_rss_mib": round(peak_kib / 1024, 1),
+            "artifact_bytes": size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--subsets", type=int, nargs="+", default=[0], help="data.train_subset values (0: all)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows = [measure(args.config, s, args.set) for s in args.subsets]
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    doc = {"command": "python " + " ".join(sys.argv), "machine": machine, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
