@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 
-def measure(config: str, subset: int, extra: list[str]) -> dict:
+def measure(config: str, subset: int, extra: list[str], targets_dir: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "letkd", "fit-targets", config, f"data.train_subset={subset}",
-               f"method.targets_dir={tmp}", "train.progress=false", *extra]
+               f"method.targets_dir={targets_dir or tmp}", "train.progress=false", "--force", *extra]
         log = Path(tmp) / "out.txt"
         t0 = time.time()
         with open(log, "w") as f:
@@ -38,7 +38,7 @@ def measure(config: str, subset: int, extra: list[str]) -> dict:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{text}")
         peak_kib = usage.ru_maxrss
         out = json.loads(text[text.index("{\n"):])
-        size = sum(f.stat().st_size for f in Path(tmp).rglob("*.pt"))
+        size = Path(out["targets"]).stat().st_size
     return {"train_subset": subset or "all", "command": " ".join(cmd[1:]).replace(tmp, "<tmp>"),
             "wall_seconds": round(wall, 1), "fit_seconds": out["seconds"], "timings": out["timings"],
             "num_samples": out["num_samples"], "peak_rss_mib": round(peak_kib / 1024, 1),
@@ -50,9 +50,10 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--subsets", type=int, nargs="+", default=[0], help="data.train_subset values (0: all)")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
+    ap.add_argument("--targets-dir", default="", help="keep the artifacts here (default: a temporary folder)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    rows = [measure(args.config, s, args.set) for s in args.subsets]
+    rows = [measure(args.config, s, args.set, args.targets_dir) for s in args.subsets]
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
     doc = {"command": "python " + " ".join(sys.argv), "machine": machine, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

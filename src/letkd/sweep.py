@@ -78,8 +78,10 @@ def load_sweep(path: str | Path, out: str | None = None) -> tuple[Path, list[Swe
     common = [str(o) for o in spec.get("overrides", []) or []]
     pre = [SweepRun(e["label"], e["config"], common + e["overrides"], None, root / e["label"])
            for e in _runs_from(spec.get("pre"), "pre", path.parent)]
+    # seed-major order: a sweep stopped part-way has comparable rows for every label
+    entries = _runs_from(spec.get("runs"), "runs", path.parent)
     runs = [SweepRun(e["label"], e["config"], common + e["overrides"], s, root / e["label"] / f"seed{s}")
-            for e in _runs_from(spec.get("runs"), "runs", path.parent) for s in seeds]
+            for s in seeds for e in entries]
     labels = [r.label for r in pre] + sorted({r.label for r in runs})
     if len(set(labels)) != len(labels):
         raise ConfigError(f"sweep file {path}: labels must be unique")
