@@ -94,6 +94,12 @@ class Distiller(nn.Module):
         self._t_cap = attach_capture(self.teacher, paths)
         return shapes
 
+    def tap_pair(self, tap: str, teacher_tap: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Capture one student tap and the teacher's counterpart (the same name when
+        ``teacher_tap`` is empty, stored as ``self.t_name``); returns both feature shapes."""
+        self.t_name = teacher_tap or tap
+        return self.tap([tap])[tap], self.teacher_tap([self.t_name])[self.t_name]
+
     @property
     def s_feats(self) -> dict[str, torch.Tensor]:
         return self._s_cap.features if self._s_cap is not None else {}

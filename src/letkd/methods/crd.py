@@ -214,9 +214,7 @@ class CRD(LossDistiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, ctx: Context, params: CRDParams) -> None:
         super().__init__(student, teacher, ctx)
         self.params = params
-        self.t_name = params.teacher_tap or params.tap
-        s_shape = self.tap([params.tap])[params.tap]
-        t_shape = self.teacher_tap([self.t_name])[self.t_name]
+        s_shape, t_shape = self.tap_pair(params.tap, params.teacher_tap)
         self.embed_s = Embed(s_shape[0], params.feat_dim)
         self.embed_t = Embed(t_shape[0], params.feat_dim)
         self.memory = ContrastMemory(params.feat_dim, ctx.num_train, params.nce_k, params.nce_t,

@@ -69,9 +69,7 @@ class FitNet(LossDistiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, ctx: Context, params: FitNetParams) -> None:
         super().__init__(student, teacher, ctx)
         self.params = params
-        self.t_name = params.teacher_tap or params.tap
-        s_shape = self.tap([params.tap])[params.tap]
-        t_shape = self.teacher_tap([self.t_name])[self.t_name]
+        s_shape, t_shape = self.tap_pair(params.tap, params.teacher_tap)
         for who, name, shape in (("tap", params.tap, s_shape), ("teacher_tap", self.t_name, t_shape)):
             if len(shape) != 3:
                 raise ValueError(f"method.{who}={name!r} outputs features of shape {tuple(shape)} per image; FitNet "

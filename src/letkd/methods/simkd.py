@@ -99,9 +99,7 @@ class SimKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, ctx: Context, params: SimKDParams) -> None:
         super().__init__(student, teacher, ctx)
         self.params = params
-        self.t_name = params.teacher_tap or params.tap
-        cs, hs, ws = self.tap([params.tap])[params.tap]
-        ct, ht, wt = self.teacher_tap([self.t_name])[self.t_name]
+        (cs, hs, ws), (ct, ht, wt) = self.tap_pair(params.tap, params.teacher_tap)
         self.projector = projector(cs, ct, params.factor)
         path = params.teacher_classifier
         if path == "auto":

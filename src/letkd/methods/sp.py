@@ -36,9 +36,7 @@ class SP(LossDistiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, ctx: Context, params: SPParams) -> None:
         super().__init__(student, teacher, ctx)
         self.params = params
-        self.t_name = params.teacher_tap or params.tap
-        self.tap([params.tap])
-        self.teacher_tap([self.t_name])
+        self.tap_pair(params.tap, params.teacher_tap)
 
     def distill_losses(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
                        **batch: Any) -> dict[str, torch.Tensor]:

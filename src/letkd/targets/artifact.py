@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from letkd.engine.checkpoint import save_atomic
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_targets", "load_targets", "meta_mismatches", "teacher_fingerprint"]
 
@@ -34,27 +35,7 @@ FORMAT_VERSION = 1
 def save_targets(path: str | os.PathLike, targets: Mapping[str, Any]) -> Path:
     """Write ``targets`` (the dict of :func:`letkd.targets.fit.fit_targets`) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"format": FORMAT, "format_version": FORMAT_VERSION, **dict(targets)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    save_atomic({"format": FORMAT, "format_version": FORMAT_VERSION, **dict(targets)}, path)
     return path
 
 
