@@ -71,6 +71,7 @@ class LetKDParams:
     targets_dir: str = ""                 # folder of cached artifacts ("" : $LETKD_TARGETS_DIR or <data root>/letkd_targets)
     target_seed: int = 0                  # K-means seed of the offline fit
     fit_batch_size: int = 256             # batch size of the offline teacher passes
+    teacher_fp32: bool = True             # teacher forward outside autocast: targets match the fp32 offline fit
     student_penult_tap: str = "penultimate"
     student_inter_tap: str = "last_stage_first_block"
     teacher_penult_tap: str = "penultimate"
@@ -221,7 +222,10 @@ class LetKD(Distiller):
         if self.needs_targets and self.targets_meta is None:
             raise RuntimeError(f"{self.method_name}: teacher targets are not loaded; call prepare(data) "
                                "(or set_targets(load_targets(path))) before training")
-        t_logits = self.teacher_forward(images) if (self.t_names or p.kd_weight > 0) else None
+        t_logits = None
+        if self.t_names or p.kd_weight > 0:
+            with torch.autocast(device_type=images.device.type, enabled=not p.teacher_fp32):
+                t_logits = self.teacher_forward(images)
         logits = self.student(images)
         losses = {"ce": p.ce_weight * F.cross_entropy(logits, labels)}
         if self.supervised["penult"]:
