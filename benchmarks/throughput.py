@@ -120,7 +120,7 @@ def bench_forward(arch, precision, channels_last, batch, steps, warmup, device, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", nargs="+", default=["resnet32x4:resnet8x4"], help="teacher:student")
+    ap.add_argument("--pair", nargs="*", default=["resnet32x4:resnet8x4"], help="teacher:student (none: skip)")
     ap.add_argument("--methods", nargs="*", default=["vanilla", "kd", "dkd", "crd", "letkd1", "letkd2"])
     ap.add_argument("--models", nargs="*", default=[], help="also time a teacher forward and a plain train step of these")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -134,7 +134,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     extra = {m: {"k_penult": args.k_penult} for m in ("letkd1", "letkd2", "quest")}
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+    machine = {"hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
     rows = []
 
@@ -164,7 +164,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
     lines = [f"Command: `python {' '.join(__import__('sys').argv)}`", "",
-             f"Machine: {machine['device']}, torch {machine['torch']}, {machine['threads']} threads", "",
+             f"Machine: {machine['hardware']}, torch {machine['torch']}, {machine['threads']} threads", "",
              "| method | teacher | student | precision | channels_last | batch | img/s | ms/step |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
