@@ -59,7 +59,7 @@ def quickstart(out: str | Path = "runs/quickstart", train_subset: int = 12000, e
     methods = {
         "vanilla": {"name": "vanilla"},
         "kd": {"name": "kd"},
-        "dkd": {"name": "dkd", "warmup": 1},
+        "dkd": {"name": "dkd", "warmup": epochs},  # ramp β over the whole short schedule
         # 10 classes: K_inter = 80 sub-classes; a 512-template codebook keeps the offline K-means short
         "letkd2": {"name": "letkd2", "k_penult": 512, "max_samples": 300000,
                    "targets_dir": str(out / "targets")},
