@@ -6,10 +6,10 @@ and initialisation follow RepDistiller's ``models/mobilenetv2.py``; ``forward`` 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from letkd.models.cifar._init import fan_out_init
 
 __all__ = ["MobileNetV2", "InvertedResidual", "mobile_half", "TAPS"]
 
@@ -69,18 +69,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(cin, self.last_channel, 1, 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        fan_out_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)

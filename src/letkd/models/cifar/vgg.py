@@ -8,10 +8,10 @@ output is a tap point.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from letkd.models.cifar._init import fan_out_init
 
 __all__ = ["VGG", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "taps_for"]
 
@@ -50,18 +50,7 @@ class VGG(nn.Module):
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        fan_out_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]
