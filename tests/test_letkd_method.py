@@ -80,6 +80,11 @@ def test_kl_loss_explicit() -> None:
         q = torch.softmax(rows[i].double(), 0)
         ref += sum(float(t[i, k]) * (np.log(float(t[i, k])) - np.log(float(q[k]))) for k in range(3) if t[i, k] > 0)
     torch.testing.assert_close(template_kl_loss(a, t).double(), torch.tensor(ref / 8, dtype=torch.float64))
+    # gradient w.r.t. the scores: (softmax(a) − p) / N per location, in the map layout
+    a.requires_grad_(True)
+    template_kl_loss(a, t).backward()
+    want = ((torch.softmax(rows.double(), 1) - t.double()) / 8).reshape(2, 2, 2, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(a.grad.double(), want)
 
 
 def test_letkd2_train_step(tmp_path) -> None:

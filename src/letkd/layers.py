@@ -57,7 +57,9 @@ class CosineConv1x1(nn.Module):
         if self.normalise_weight_rows:
             w = F.normalize(w, p=2.0, dim=1, eps=self.eps)
         xn = F.normalize(x, p=2.0, dim=1, eps=self.eps)
-        return self.scale * F.conv2d(xn, w)
+        # the scalar scale multiplies the (small) K×C weight rather than the (large) B×K×H×W
+        # output: the same function and gradients, one pass less over the output each way
+        return F.conv2d(xn, self.scale.to(w.dtype) * w)
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.out_ch}, normalise_weight_rows={self.normalise_weight_rows}"

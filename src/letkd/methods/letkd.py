@@ -113,7 +113,14 @@ def template_kl_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     if a.shape != targets.shape:
         raise ValueError(f"template_kl_loss: scores give {tuple(a.shape)} rows, targets {tuple(targets.shape)}")
     with torch.autocast(device_type=a.device.type, enabled=False):
-        return F.kl_div(F.log_softmax(a, dim=1), targets.float(), reduction="batchmean")
+        p = targets.float()
+        # KL(p ‖ q) = CE(p, q) − H(p). The soft-target cross-entropy is one fused op with the
+        # gradient softmax(a) − p; H(p) does not depend on the student, so it is computed
+        # without autograd (it only makes the logged value the KL itself).
+        ce = F.cross_entropy(a, p, reduction="sum")
+        with torch.no_grad():
+            neg_entropy = torch.special.xlogy(p, p).sum()
+        return (ce + neg_entropy) / a.shape[0]
 
 
 def _hinton_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torch.Tensor:

@@ -59,5 +59,6 @@ def soft_targets(t: torch.Tensor, centroids: torch.Tensor, tau: float = 1.0) -> 
     with torch.autocast(device_type=t.device.type, enabled=False):
         t = t.float()
         rho = centroids.float()
-        logits = 2.0 * (t @ rho.t()) - (rho * rho).sum(1)[None, :]
-        return torch.softmax(float(tau) * logits, dim=1)
+        # τ (2 t·ρᵀ − ‖ρ‖²) in one fused multiply-add, then an in-place softmax
+        logits = torch.addmm((rho * rho).sum(1)[None, :], t, rho.t(), beta=-float(tau), alpha=2.0 * float(tau))
+        return torch.softmax(logits, dim=1)
