@@ -25,7 +25,7 @@ from pathlib import Path
 def measure(config: str, subset: int, extra: list[str], targets_dir: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "letkd", "fit-targets", config, f"data.train_subset={subset}",
-               f"method.targets_dir={targets_dir or tmp}", "train.progress=false", "--force", *extra]
+               f"method.targets_dir={targets_dir or tmp}", "train.progress=false", *extra, "--force"]
         log = Path(tmp) / "out.txt"
         t0 = time.time()
         with open(log, "w") as f:

@@ -17,7 +17,7 @@ from torch import nn
 
 from letkd.models.taps import feature_shapes, insert_after, resolve
 
-__all__ = ["CosineConv1x1", "KDLayer", "KDLayerSpec", "attach_kd_layers", "kd_layer_extra_params"]
+__all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "KDLayerSpec", "attach_kd_layers", "kd_layer_extra_params"]
 
 EPS = 1e-12  # METHOD §1.1: L2-normalisation eps
 
@@ -52,17 +52,45 @@ class CosineConv1x1(nn.Module):
             if init_scale is not None:
                 self.scale.fill_(float(init_scale))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+    def _weight_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """``scale · w_o/‖w_o‖`` as an out_ch × in_ch matrix. The scalar scale multiplies the
+        (small) weight rather than the (large) output: same function and gradients, one pass
+        less over the output each way."""
+        w = self.weight.flatten(1)
         if self.normalise_weight_rows:
             w = F.normalize(w, p=2.0, dim=1, eps=self.eps)
+        return self.scale.to(dtype) * w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B×in_ch×H×W -> B×out_ch×H×W."""
         xn = F.normalize(x, p=2.0, dim=1, eps=self.eps)
-        # the scalar scale multiplies the (small) K×C weight rather than the (large) B×K×H×W
-        # output: the same function and gradients, one pass less over the output each way
-        return F.conv2d(xn, self.scale.to(w.dtype) * w)
+        w = self._weight_rows(xn.dtype)
+        return F.conv2d(xn, w[:, :, None, None])
+
+    def forward_rows(self, rows: torch.Tensor, normalise_input: bool = True) -> torch.Tensor:
+        """The same map on locations as rows: N×in_ch -> N×out_ch, one matrix product.
+
+        ``normalise_input=False`` returns ``scale · <x_i, w_o/‖w_o‖>`` for the raw rows; the
+        caller divides by ``‖x_i‖`` afterwards, which is cheaper when out_ch < in_ch (the KD
+        layer's value step, K -> C): the division then runs over N×C instead of N×K values."""
+        xn = F.normalize(rows, p=2.0, dim=1, eps=self.eps) if normalise_input else rows
+        return xn @ self._weight_rows(xn.dtype).t()
 
     def extra_repr(self) -> str:
         return f"{self.in_ch}, {self.out_ch}, normalise_weight_rows={self.normalise_weight_rows}"
+
+
+class LocationBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` that also accepts its input as rows: (B·H·W)×C, one row per location.
+
+    Normalising the rows per column uses exactly the statistics of ``BatchNorm2d`` on the
+    B×C×H×W map (mean and biased variance over B, H and W; the running variance unbiased over
+    B·H·W values), so parameters, buffers, ``state_dict`` and SyncBatchNorm conversion are those
+    of ``BatchNorm2d``. 4-D input works as usual."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected (B·H·W)×C rows or a B×C×H×W map (got {input.dim()}-D input)")
 
 
 class KDLayer(nn.Module):
@@ -76,7 +104,7 @@ class KDLayer(nn.Module):
     4. ``x̂_i = x_i + α · v_i``
 
     ``forward(x)`` returns ``(x_hat, scores)`` with ``scores = a`` (B×K×H×W, pre-BN, not
-    detached); the scores of the last call are also kept in ``self.last_scores`` for the loss
+    detached; a channels-last view of the (B·H·W)×K rows the layer computes in); the scores of the last call are also kept in ``self.last_scores`` for the loss
     (the layer runs inside the student's forward through a hook).
     ``α`` is a plain float (not learnt). With ``α = 0`` (QuEST, ablations) the value branch is
     skipped and ``x_hat`` is ``x`` itself; ``bn`` and ``values`` then receive no gradient
@@ -91,7 +119,7 @@ class KDLayer(nn.Module):
         self.channels, self.num_templates = int(channels), int(num_templates)
         self.alpha = float(alpha)
         self.templates = CosineConv1x1(channels, num_templates, init_scale=3.0)
-        self.bn = nn.BatchNorm2d(num_templates)
+        self.bn = LocationBatchNorm2d(num_templates)
         self.values = CosineConv1x1(num_templates, channels, init_scale=1.0)
         self.last_scores: torch.Tensor | None = None
 
@@ -99,13 +127,22 @@ class KDLayer(nn.Module):
         if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.channels):
             raise ValueError(f"KDLayer({self.channels}, {self.num_templates}) expects B×{self.channels}×H×W, "
                              f"got shape {tuple(x.shape)}")
-        a = self.templates(x)                       # step 1: B×K×H×W template scores
-        self.last_scores = a
+        # Every step works on locations as rows ((B·H·W)×C, image-major then row-major): the two
+        # 1×1 convolutions become matrix products and the K-wide activations stay in rows, the
+        # layout of the template loss, so no layout conversions of the large (B·H·W)×K tensors.
+        B, C, H, W = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, C)                 # a view for channels_last x
+        a = self.templates.forward_rows(rows)                        # step 1: (B·H·W)×K scores
+        scores = a.view(B, H, W, -1).permute(0, 3, 1, 2)             # B×K×H×W view of the rows
+        self.last_scores = scores
         if self.alpha == 0.0:
-            return x, a                             # step 4 with α = 0: value branch unused
-        p = F.relu(self.bn(a))                      # step 2: soft maximiser
-        v = self.values(p)                          # step 3: p̂/‖p̂‖ then cosine with rows of V
-        return x + self.alpha * v, a                # step 4: residual
+            return x, scores                                         # step 4 with α = 0: value branch unused
+        p = F.relu(self.bn(a))                                       # step 2: BN over K, statistics over B·H·W
+        # step 3: s2 · V̂ (p̂/‖p̂‖), with the 1/‖p̂‖ applied to the C-wide product (linear, identical)
+        norm = torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(self.values.eps)
+        v = self.values.forward_rows(p, normalise_input=False) / norm
+        v = v.view(B, H, W, C).permute(0, 3, 1, 2)
+        return x + self.alpha * v, scores                            # step 4: residual
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_templates={self.num_templates}, alpha={self.alpha}"
