@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from letkd.layers import CosineConv1x1, KDLayer, KDLayerSpec, attach_kd_layers, kd_layer_extra_params
@@ -210,3 +211,23 @@ def test_onnx_export_matches_onnxruntime() -> None:
     with torch.no_grad():
         ref = m(x2).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_normalised_rows_matmul_matches_autograd() -> None:
+    """The hand-written backward of step 3 against autograd of the plain composition, including
+    an all-zero row (ReLU can zero every template: ‖p‖ < eps branch)."""
+    from letkd.layers import normalised_rows_matmul
+    torch.manual_seed(3)
+    p = torch.rand(7, 5, dtype=torch.float64)
+    p[2] = 0.0
+    w = torch.randn(3, 5, dtype=torch.float64)
+    p1, w1 = p.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    p2, w2 = p.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    g = torch.randn(7, 3, dtype=torch.float64)
+    (normalised_rows_matmul(p1, w1) * g).sum().backward()
+    (F.normalize(p2, dim=1) @ w2.t() * g).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+    q = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: normalised_rows_matmul(a, b), (q, v))

@@ -17,7 +17,7 @@ from torch import nn
 
 from letkd.models.taps import feature_shapes, insert_after, resolve
 
-__all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "KDLayerSpec", "attach_kd_layers", "kd_layer_extra_params"]
+__all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "normalised_rows_matmul", "KDLayerSpec", "attach_kd_layers", "kd_layer_extra_params"]
 
 EPS = 1e-12  # METHOD §1.1: L2-normalisation eps
 
@@ -80,6 +80,45 @@ class CosineConv1x1(nn.Module):
         return f"{self.in_ch}, {self.out_ch}, normalise_weight_rows={self.normalise_weight_rows}"
 
 
+class _NormalisedRowsMatmul(torch.autograd.Function):
+    """``y = (p Wᵀ) / max(‖p‖, eps)`` row-wise, with a two-pass backward over the wide ``p``.
+
+    Autograd of the composed ops would make ~5 passes over the N×K ``p`` in backward (division,
+    product and mask of the norm's gradient, then adding the matmul's). Here, with ``r`` the
+    clamped row norms, ``G`` the output gradient and ``y`` the output:
+    ``∂L/∂p = (G/r) W − p · [‖p‖ > eps] · rowsum(G ⊙ y) / (r ‖p‖)`` and ``∂L/∂W = (G/r)ᵀ p``."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(p, dim=1, keepdim=True)
+        r = norm.clamp_min(eps)
+        y = (p @ w.t()).div_(r)
+        ctx.save_for_backward(p, w, norm, r, y)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        p, w, norm, r, y = ctx.saved_tensors
+        # small N×C / N×1 factors in fp32, the wide N×K work in p's dtype (autocast-safe)
+        gs = g.float() / r.float()
+        gp = gw = None
+        if ctx.needs_input_grad[0]:
+            coef = (gs * y.float()).sum(1, keepdim=True) / norm.float().clamp_min(ctx.eps)
+            coef = torch.where(norm > ctx.eps, coef, torch.zeros_like(coef))
+            gp = (gs.to(w.dtype) @ w).to(p.dtype)
+            gp.addcmul_(p, coef.to(p.dtype), value=-1.0)
+        if ctx.needs_input_grad[1]:
+            gw = (gs.to(p.dtype).t() @ p).to(w.dtype)
+        return gp, gw, None
+
+
+def normalised_rows_matmul(p: torch.Tensor, w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """``(p_i / max(‖p_i‖, eps)) · Wᵀ`` for rows ``p`` (N×K) and ``W`` (C×K) -> N×C (METHOD §1 step 3
+    with the normalisation applied after the product; identical values and gradients)."""
+    return _NormalisedRowsMatmul.apply(p, w, eps)
+
+
 class LocationBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` that also accepts its input as rows: (B·H·W)×C, one row per location.
 
@@ -139,8 +178,7 @@ class KDLayer(nn.Module):
             return x, scores                                         # step 4 with α = 0: value branch unused
         p = F.relu(self.bn(a))                                       # step 2: BN over K, statistics over B·H·W
         # step 3: s2 · V̂ (p̂/‖p̂‖), with the 1/‖p̂‖ applied to the C-wide product (linear, identical)
-        norm = torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(self.values.eps)
-        v = self.values.forward_rows(p, normalise_input=False) / norm
+        v = normalised_rows_matmul(p, self.values._weight_rows(p.dtype), self.values.eps)
         v = v.view(B, H, W, C).permute(0, 3, 1, 2)
         return x + self.alpha * v, scores                            # step 4: residual
 

@@ -59,6 +59,8 @@ def soft_targets(t: torch.Tensor, centroids: torch.Tensor, tau: float = 1.0) -> 
     with torch.autocast(device_type=t.device.type, enabled=False):
         t = t.float()
         rho = centroids.float()
-        # τ (2 t·ρᵀ − ‖ρ‖²) in one fused multiply-add, then an in-place softmax
-        logits = torch.addmm((rho * rho).sum(1)[None, :], t, rho.t(), beta=-float(tau), alpha=2.0 * float(tau))
-        return torch.softmax(logits, dim=1)
+        # τ (2 t·ρᵀ − ‖ρ‖²) as ONE matrix product of small augmented factors [t, 1]·[2τρ, −τ‖ρ‖²]ᵀ:
+        # the N×K logits are written once (an addmm would first copy the broadcast bias into them)
+        t_aug = torch.cat([t, t.new_ones(t.shape[0], 1)], dim=1)
+        rho_aug = torch.cat([(2.0 * float(tau)) * rho, (-float(tau)) * (rho * rho).sum(1, keepdim=True)], dim=1)
+        return torch.softmax(t_aug @ rho_aug.t(), dim=1)
