@@ -20,12 +20,15 @@ For each pair, at one batch:
   ``ratio`` = measured / predicted (issue 6: ≤ 1.25).
 
 ``--profile`` also writes the top operators (self CPU time) of one letKD-2 and one KD step from
-``torch.profiler``, so the difference can be attributed.
+``torch.profiler``, and splits the letKD-2 step's time into matrix products on score-sized
+(B·H·W×K) operands — what the MAC count predicts — element-wise work on score-sized tensors
+(BatchNorm, ReLU, softmax, KL, row norms: memory-bound, no MACs) and everything else.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -126,6 +129,32 @@ def profile_table(fn, rows: int = 15) -> list[dict]:
     return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000.0, "calls": e.count} for e in avgs]
 
 
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+
+
+def wide_breakdown(fn, wide_numels: set[int]) -> dict:
+    """Self CPU time of one profiled step, split by what the ops touch: matrix products with a
+    B·H·W×K (score-sized) operand, other ("element-wise") ops with such an operand — BN, ReLU,
+    softmax, KL, norms over the template scores — and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    out = {"wide_matmul_ms": 0.0, "wide_elementwise_ms": 0.0, "wide_elementwise_calls": 0, "other_ms": 0.0}
+    for e in prof.key_averages(group_by_input_shape=True):
+        numels = {math.prod(sh) for sh in (e.input_shapes or []) if sh}
+        ms = e.self_cpu_time_total / 1000.0
+        if numels & wide_numels:
+            if e.key in MATMULS:
+                out["wide_matmul_ms"] += ms
+            else:
+                out["wide_elementwise_ms"] += ms
+                out["wide_elementwise_calls"] += e.count
+        else:
+            out["other_ms"] += ms
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", nargs="+", default=["resnet56:resnet20", "resnet32x4:resnet8x4"])
@@ -166,6 +195,9 @@ def main() -> None:
                "predicted_extra_s": pred, "measured_extra_s": meas, "ratio": meas / pred,
                "predicted_slowdown": (t_kd + pred) / t_kd, "measured_slowdown": t_l2 / t_kd, **machine}
         if args.profile:
+            wide = {args.batch * lay["HxW"][0] * lay["HxW"][1] * lay["K"] for lay in ex["layers"].values()}
+            row["breakdown_letkd2"] = wide_breakdown(step_fn(l2, args.batch, args.num_classes, args.precision), wide)
+            row["breakdown_kd"] = wide_breakdown(step_fn(kd, args.batch, args.num_classes, args.precision), wide)
             row["profile_letkd2"] = profile_table(step_fn(l2, args.batch, args.num_classes, args.precision))
             row["profile_kd"] = profile_table(step_fn(kd, args.batch, args.num_classes, args.precision))
         rows.append(row)
@@ -184,6 +216,17 @@ def main() -> None:
                      f"({r['extra_kd_layers_gmacs']:.3f} + {r['extra_targets_gmacs']:.3f}) | {r['kd_step_s']:.3f} | "
                      f"{r['letkd2_step_s']:.3f} | {r['kd_gmacs_per_s']:.1f} | {r['predicted_extra_s']:.3f} | "
                      f"{r['measured_extra_s']:.3f} | **{r['ratio']:.2f}** |")
+    if any("breakdown_letkd2" in r for r in rows):
+        lines += ["", "Where the extra time goes (self CPU time of one profiled step; 'score-sized' = an operand with "
+                  "B·H·W×K elements, K of either KD layer):", "",
+                  "| pair | matmuls on score-sized operands, ms (MAC prediction of all extra, ms) | element-wise ops "
+                  "on score-sized tensors, ms (calls) | everything else: letKD-2 vs KD, ms |", "|---|---|---|---|"]
+        for r in rows:
+            b, k = r.get("breakdown_letkd2"), r.get("breakdown_kd")
+            if b:
+                lines.append(f"| {r['teacher']}→{r['student']} | {b['wide_matmul_ms']:.0f} ({1000 * r['predicted_extra_s']:.0f}) | "
+                             f"{b['wide_elementwise_ms']:.0f} ({b['wide_elementwise_calls']}) | "
+                             f"{b['other_ms']:.0f} vs {k['other_ms'] + k['wide_matmul_ms'] + k['wide_elementwise_ms']:.0f} |")
     for r in rows:
         if "profile_letkd2" in r:
             lines += ["", f"Top operators by self CPU time, one step, {r['teacher']}→{r['student']}:", "",
