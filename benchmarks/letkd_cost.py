@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time letKD-2 with train.compile=kd_layers (torch.compile of the KD layers and losses)")
     ap.add_argument("--out", default="benchmarks/results/letkd_cost_cpu.json")
     args = ap.parse_args()
     machine = {"hardware": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -194,6 +196,12 @@ def main() -> None:
                "kd_step_s": t_kd, "letkd2_step_s": t_l2, "kd_gmacs_per_s": rate / 1e9,
                "predicted_extra_s": pred, "measured_extra_s": meas, "ratio": meas / pred,
                "predicted_slowdown": (t_kd + pred) / t_kd, "measured_slowdown": t_l2 / t_kd, **machine}
+        if args.compile:
+            l2c = build("letkd2", teacher, student, args.num_classes, torch.device("cpu"), False, extra_cfg)
+            l2c.compile_hot_paths()
+            t_l2c = median_time(step_fn(l2c, args.batch, args.num_classes, args.precision), args.steps, args.warmup)
+            row.update({"letkd2_compiled_step_s": t_l2c, "measured_extra_compiled_s": t_l2c - t_kd,
+                        "ratio_compiled": (t_l2c - t_kd) / pred})
         if args.profile:
             wide = {args.batch * lay["HxW"][0] * lay["HxW"][1] * lay["K"] for lay in ex["layers"].values()}
             row["breakdown_letkd2"] = wide_breakdown(step_fn(l2, args.batch, args.num_classes, args.precision), wide)
@@ -216,6 +224,14 @@ def main() -> None:
                      f"({r['extra_kd_layers_gmacs']:.3f} + {r['extra_targets_gmacs']:.3f}) | {r['kd_step_s']:.3f} | "
                      f"{r['letkd2_step_s']:.3f} | {r['kd_gmacs_per_s']:.1f} | {r['predicted_extra_s']:.3f} | "
                      f"{r['measured_extra_s']:.3f} | **{r['ratio']:.2f}** |")
+    if any("ratio_compiled" in r for r in rows):
+        lines += ["", "With `train.compile=kd_layers` (torch.compile of the KD layers and the target + loss functions; "
+                  "same process, compile time excluded by the warm-up steps):", "",
+                  "| pair | letKD-2 compiled step s | measured extra s | measured / predicted |", "|---|---|---|---|"]
+        for r in rows:
+            if "ratio_compiled" in r:
+                lines.append(f"| {r['teacher']}→{r['student']} | {r['letkd2_compiled_step_s']:.3f} | "
+                             f"{r['measured_extra_compiled_s']:.3f} | **{r['ratio_compiled']:.2f}** |")
     if any("breakdown_letkd2" in r for r in rows):
         lines += ["", "Where the extra time goes (self CPU time of one profiled step; 'score-sized' = an operand with "
                   "B·H·W×K elements, K of either KD layer):", "",

@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"              # fp32 | bf16 | fp16 | auto
     channels_last: bool = False
+    compile: str = "none"                # none | kd_layers: torch.compile the letKD layers + template losses
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     deterministic: bool = False
     grad_clip: float = 0.0
@@ -125,6 +126,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.schedule": ("multistep", "cosine"),
     "train.lr_rule": ("none", "linear"),
+    "train.compile": ("none", "kd_layers"),
 }
 
 

@@ -304,6 +304,11 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     b = build(cfg, device, dinfo)
     distiller, data = b.distiller, b.data
     distiller.prepare(data, run_dir)
+    if cfg.train.compile == "kd_layers":
+        try:
+            distiller.compile_hot_paths()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     lr = cfg.train.lr * (cfg.train.batch_size / cfg.train.base_batch if cfg.train.lr_rule == "linear" else 1.0)
     params = distiller.trainable_parameters()

@@ -145,6 +145,12 @@ class Distiller(nn.Module):
         teacher_ids = {id(p) for p in self.teacher.parameters()} if self.teacher is not None else set()
         return [p for p in self.parameters() if id(p) not in teacher_ids and p.requires_grad]
 
+    def compile_hot_paths(self) -> None:
+        """``train.compile=kd_layers``: ``torch.compile`` the method's own per-step work. Only
+        methods with KD layers have such a path (:class:`letkd.methods.letkd.LetKD`)."""
+        raise ValueError(f"train.compile=kd_layers compiles the KD layers and template losses of letkd1, "
+                         f"letkd2 and quest; method {type(self).__name__} has none — set train.compile=none")
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """The method's own trainable modules (not student, not teacher), for reporting."""
         return {n: m for n, m in self.named_children() if n not in ("student", "teacher")}

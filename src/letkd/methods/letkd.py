@@ -123,6 +123,21 @@ def template_kl_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
         return (ce + neg_entropy) / a.shape[0]
 
 
+def penult_template_loss(scores: torch.Tensor, t: torch.Tensor, centroids: torch.Tensor, tau: float) -> torch.Tensor:
+    """Penultimate template loss (METHOD §3a): codebook targets ``softmax(−‖t−ρ‖²/τ)`` of the
+    teacher map ``t`` (B×D×H×W, already at the student's size), then :func:`template_kl_loss`."""
+    return template_kl_loss(scores, soft_targets(to_rows(t), centroids, tau))
+
+
+def inter_template_loss(scores: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+                        W: torch.Tensor, centres: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Intermediate template loss (METHOD §3b): LDA projection of the teacher map ``t``, sub-class
+    decisions scored by ``S`` for each location's image label, then :func:`template_kl_loss`."""
+    z = lda_project(to_rows(t), mean, W)
+    y = labels.repeat_interleave(scores.shape[-2] * scores.shape[-1])
+    return template_kl_loss(scores, decision_targets(z, y, centres, S))
+
+
 def _hinton_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torch.Tensor:
     """Optional logit KD term (Hinton 2015): ``T² KL(softmax(t/T) ‖ softmax(s/T))``, batch mean."""
     return F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.softmax(t_logits.float() / T, 1),
@@ -185,6 +200,17 @@ class LetKD(Distiller):
         for name in ("centroids", "lda_mean", "lda_W", "sub_centres", "score_matrix"):
             self.register_buffer(name, None, persistent=False)
         self.targets_meta: dict[str, Any] | None = None
+        self._penult_loss, self._inter_loss = penult_template_loss, inter_template_loss
+
+    def compile_hot_paths(self) -> None:
+        """``train.compile=kd_layers``: compile each KD layer in place (``nn.Module.compile``: the
+        state_dict keys do not change) and the two target + loss functions with ``torch.compile``.
+        Inductor fuses the element-wise passes over the (B·H·W)×K activations (BN, ReLU, softmax,
+        cross-entropy) that dominate the layers' cost in eager mode (docs/scaling.md)."""
+        for layer in self.kd.values():
+            layer.compile()
+        self._penult_loss = torch.compile(penult_template_loss)
+        self._inter_loss = torch.compile(inter_template_loss)
 
     # -- targets ------------------------------------------------------------------------------
     @property
@@ -238,15 +264,12 @@ class LetKD(Distiller):
         if self.supervised["penult"]:
             a = self._scores("penult")
             t = pool_to_size(self.t_feats[self.t_names["penult"]], a.shape[-2:])
-            target = soft_targets(to_rows(t), self.centroids, p.tau)
-            losses["penult"] = p.lambda_penult * template_kl_loss(a, target)
+            losses["penult"] = p.lambda_penult * self._penult_loss(a, t, self.centroids, p.tau)
         if self.supervised["inter"]:
             a = self._scores("inter")
             t = pool_to_size(self.t_feats[self.t_names["inter"]], a.shape[-2:])
-            z = lda_project(to_rows(t), self.lda_mean, self.lda_W)
-            y = labels.repeat_interleave(a.shape[-2] * a.shape[-1])
-            target = decision_targets(z, y, self.sub_centres, self.score_matrix)
-            losses["inter"] = p.lambda_inter * template_kl_loss(a, target)
+            losses["inter"] = p.lambda_inter * self._inter_loss(a, t, labels, self.lda_mean, self.lda_W,
+                                                                 self.sub_centres, self.score_matrix)
         for layer in self.kd.values():
             layer.last_scores = None  # do not hold the graph beyond this step
         if p.kd_weight > 0:
