@@ -39,9 +39,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import build  # noqa: E402  (same construction and fake targets as the throughput benchmark)
+from throughput import build, make_step  # noqa: E402  (same construction and fake targets as the throughput benchmark)
 
-from letkd.engine.trainer import autocast_context  # noqa: E402
 from letkd.models.taps import feature_shapes  # noqa: E402
 
 
@@ -91,22 +90,7 @@ def letkd_extra(d, batch: int) -> dict:
 
 
 def step_fn(d, batch: int, num_classes: int, precision: str):
-    torch.manual_seed(0)
-    d.train()
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, num_classes, (batch,))
-    idx = torch.randint(0, 50000, (batch,))
-    dev = torch.device("cpu")
-
-    def step():
-        with autocast_context(precision, dev):
-            _, losses = d.forward_train(x, y, index=idx, epoch=30)
-        loss = sum(v.float() for v in losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    return make_step(d, batch, num_classes, precision, torch.device("cpu"))
 
 
 def median_time(fn, steps: int, warmup: int) -> float:

@@ -70,8 +70,10 @@ def time_it(fn, steps: int, warmup: int, device) -> list[float]:
     return times
 
 
-def bench_method(method, teacher, student, precision, channels_last, batch, steps, warmup, device, num_classes, extra):
-    d = build(method, teacher, student, num_classes, device, channels_last, extra)
+def make_step(d, batch: int, num_classes: int, precision: str, device, channels_last: bool = False):
+    """One full training step of distiller ``d`` on fixed random data: teacher forward, student
+    forward/backward, SGD update (also used by letkd_cost.py)."""
+    torch.manual_seed(0)
     d.train()
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -88,7 +90,12 @@ def bench_method(method, teacher, student, precision, channels_last, batch, step
         loss.backward()
         opt.step()
 
-    return time_it(step, steps, warmup, device)
+    return step
+
+
+def bench_method(method, teacher, student, precision, channels_last, batch, steps, warmup, device, num_classes, extra):
+    d = build(method, teacher, student, num_classes, device, channels_last, extra)
+    return time_it(make_step(d, batch, num_classes, precision, device, channels_last), steps, warmup, device)
 
 
 def bench_forward(arch, precision, channels_last, batch, steps, warmup, device, num_classes, train_step=False):

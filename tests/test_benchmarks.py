@@ -1,0 +1,41 @@
+"""Smoke tests of the benchmark scripts on a tiny pair: they run, and write the documented fields.
+(The numbers they measure are committed results, never asserted here.)"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT,
+                   capture_output=True, text=True, timeout=300)
+
+
+def test_throughput_script(tmp_path) -> None:
+    out = tmp_path / "tp.json"
+    _run("throughput.py", "--pair", "resnet20:resnet8", "--methods", "kd", "letkd2", "--precisions", "fp32",
+         "--batch", "4", "--steps", "1", "--warmup", "0", "--k-penult", "16", "--num-classes", "10",
+         "--device", "cpu", "--out", str(out))
+    rows = json.loads(out.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [r["method"] for r in rows] == ["kd", "letkd2"]
+    for r in rows:
+        assert {"method", "teacher", "student", "precision", "device", "batch", "images_per_second"} <= set(r)
+        assert r["teacher"] == "resnet20" and r["student"] == "resnet8" and r["batch"] == 4
+        assert r["images_per_second"] > 0
+    assert "| kd |" in out.with_suffix(".md").read_text()
+
+
+def test_letkd_cost_script(tmp_path) -> None:
+    out = tmp_path / "cost.json"
+    _run("letkd_cost.py", "--pairs", "resnet20:resnet8", "--batch", "4", "--k-penult", "16", "--num-classes", "10",
+         "--steps", "1", "--warmup", "1", "--out", str(out))
+    (row,) = json.loads(out.read_text())
+    assert row["extra_gmacs"] > 0 and row["kd_step_gmacs"] > row["extra_gmacs"]
+    assert row["predicted_extra_s"] > 0 and "ratio" in row
+    # extra MACs = KD layers (forward + backward) + targets; both parts are counted
+    assert abs(row["extra_gmacs"] - row["extra_kd_layers_gmacs"] - row["extra_targets_gmacs"]) < 1e-9
