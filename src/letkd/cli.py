@@ -131,8 +131,8 @@ def cmd_export(args) -> int:
 def cmd_quickstart(args) -> int:
     from letkd.quickstart import quickstart
 
-    quickstart(args.out, train_subset=args.train_subset, epochs=args.epochs, seeds=tuple(args.seeds),
-               precision=args.precision, data_root=args.data_root)
+    quickstart(args.out, train_subset=args.train_subset, test_subset=args.test_subset, epochs=args.epochs,
+               seeds=tuple(args.seeds), precision=args.precision, data_root=args.data_root)
     return 0
 
 
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quickstart", help="teacher -> targets -> vanilla/KD/DKD/letKD-2 students on Fashion-MNIST, with a table")
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--train-subset", type=int, default=12000, help="training images (0: all 60,000)")
+    s.add_argument("--test-subset", type=int, default=0, help="class-balanced test images (0: all 10,000)")
     s.add_argument("--epochs", type=int, default=3)
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--precision", default="auto", choices=["fp32", "bf16", "fp16", "auto"])

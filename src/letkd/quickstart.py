@@ -21,9 +21,10 @@ __all__ = ["quickstart"]
 STUDENT_METHODS = ("vanilla", "kd", "dkd", "letkd2")
 
 
-def _recipe(train_subset: int, epochs: int, precision: str) -> dict[str, Any]:
+def _recipe(train_subset: int, epochs: int, precision: str, test_subset: int = 0) -> dict[str, Any]:
     return {
-        "data": {"name": "fashion_mnist", "root": "data", "train_subset": train_subset, "augment": "crop_flip"},
+        "data": {"name": "fashion_mnist", "root": "data", "train_subset": train_subset, "test_subset": test_subset,
+                 "augment": "crop_flip"},
         "train": {"epochs": epochs, "batch_size": 128, "test_batch_size": 500, "lr": 0.1, "momentum": 0.9,
                   "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine", "precision": precision,
                   "channels_last": True},
@@ -37,17 +38,17 @@ def _write_yaml(path: Path, doc: dict[str, Any]) -> None:
 
 def quickstart(out: str | Path = "runs/quickstart", train_subset: int = 12000, epochs: int = 3,
                teacher_epochs: int | None = None, seeds: tuple[int, ...] = (0,), precision: str = "auto",
-               data_root: str = "data") -> list[dict[str, Any]]:
+               data_root: str = "data", test_subset: int = 0) -> list[dict[str, Any]]:
     """Run the quickstart and return the table rows (also printed and written to ``out``)."""
     import torch
 
     from letkd.engine.checkpoint import load_file
     from letkd.engine.trainer import evaluate, rebuild_deployable, resolve_precision
-    from letkd.sweep import run_sweep
+    from letkd.sweep import mean_std, run_sweep
 
     t0 = time.time()
     out = Path(out)
-    recipe = _recipe(train_subset, epochs, precision)
+    recipe = _recipe(train_subset, epochs, precision, test_subset)
     recipe["data"]["root"] = data_root
     teacher_cfg = {**recipe, "model": {"name": "resnet20"}, "method": {"name": "vanilla"}}
     if teacher_epochs:
@@ -105,6 +106,13 @@ def quickstart(out: str | Path = "runs/quickstart", train_subset: int = 12000, e
     for r in rows:
         lines.append(f"| {r['method']} | {r['seed']} | {r['acc_without_teacher']:.2f} | {r['best_acc']:.2f} | "
                      f"{r['params']:,} | {r['params_extra']:,} | {r['images_per_second']:.0f} |")
+    if len(seeds) > 1:
+        lines += ["", f"mean ± sample std over {len(seeds)} seeds:", "",
+                  "| method | test acc, student alone (%) | best epoch acc (%) |", "|---|---|---|"]
+        for name in STUDENT_METHODS:
+            acc = mean_std([r["acc_without_teacher"] for r in rows if r["method"] == name])
+            best = mean_std([r["best_acc"] for r in rows if r["method"] == name])
+            lines.append(f"| {name} | {acc[0]:.2f} ± {acc[1]:.2f} | {best[0]:.2f} ± {best[1]:.2f} |")
     lines += ["", f"wall time: {time.time() - t0:.0f} s (including any runs reused from an earlier call)"]
     text = "\n".join(lines)
     (out / "quickstart.md").write_text(text + "\n")

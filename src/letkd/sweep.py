@@ -126,7 +126,8 @@ def run_sweep(path: str | Path, out: str | None = None, only: list[str] | None =
     return root
 
 
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value; None, None for none)."""
     if not xs:
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -150,8 +151,8 @@ def collect(root: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
     out = []
     for row in rows.values():
         s = row["summary"] or {}
-        bm, bs = _mean_std(row["best"])
-        lm, ls = _mean_std(row["last"])
+        bm, bs = mean_std(row["best"])
+        lm, ls = mean_std(row["last"])
         out.append({"label": row["label"], "method": s.get("method"), "teacher": s.get("teacher"),
                     "student": s.get("student"), "seeds": len(row["best"]), "pending": row["pending"],
                     "best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls,

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+
+from letkd.sweep import mean_std  # noqa: E402
 
 __all__ = ["read_metrics", "read_summary", "loss_keys", "plot_accuracy", "plot_losses", "plot_sweep_curves",
            "plot_comparison", "label_stats"]
@@ -144,10 +145,6 @@ def plot_sweep_curves(runs: Sequence[tuple[str, str, Sequence[dict[str, Any]]]],
     return _save(fig, path)
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def label_stats(summaries: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per label (first-seen order): n, best/last mean and sample std over its runs' summaries."""
     groups: dict[str, dict[str, list[float]]] = {}
@@ -163,7 +160,7 @@ def label_stats(summaries: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[st
             continue
         row: dict[str, Any] = {"label": lab, "n": max(len(g["best"]), len(g["last"]))}
         for k in ("best", "last"):
-            m, s = _mean_std(g[k]) if g[k] else (float("nan"), 0.0)
+            m, s = mean_std(g[k]) if g[k] else (float("nan"), 0.0)
             row[f"{k}_mean"], row[f"{k}_std"] = m, s
         out.append(row)
     return out
