@@ -104,39 +104,33 @@ def median_time(fn, steps: int, warmup: int) -> float:
     return statistics.median(ts)
 
 
-def profile_table(fn, rows: int = 15) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    avgs = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000.0, "calls": e.count} for e in avgs]
-
-
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 
 
-def wide_breakdown(fn, wide_numels: set[int]) -> dict:
-    """Self CPU time of one profiled step, split by what the ops touch: matrix products with a
+def profile_step(fn, wide_numels: set[int], rows: int = 15) -> tuple[list[dict], dict]:
+    """Profile one step (after one unprofiled call) and return (a) its top operators by self CPU
+    time and (b) the step's self CPU time split by what the ops touch: matrix products with a
     B·H·W×K (score-sized) operand, other ("element-wise") ops with such an operand — BN, ReLU,
     softmax, KL, norms over the template scores — and everything else."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    out = {"wide_matmul_ms": 0.0, "wide_elementwise_ms": 0.0, "wide_elementwise_calls": 0, "other_ms": 0.0}
+    avgs = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000.0, "calls": e.count} for e in avgs]
+    split = {"wide_matmul_ms": 0.0, "wide_elementwise_ms": 0.0, "wide_elementwise_calls": 0, "other_ms": 0.0}
     for e in prof.key_averages(group_by_input_shape=True):
         numels = {math.prod(sh) for sh in (e.input_shapes or []) if sh}
         ms = e.self_cpu_time_total / 1000.0
         if numels & wide_numels:
             if e.key in MATMULS:
-                out["wide_matmul_ms"] += ms
+                split["wide_matmul_ms"] += ms
             else:
-                out["wide_elementwise_ms"] += ms
-                out["wide_elementwise_calls"] += e.count
+                split["wide_elementwise_ms"] += ms
+                split["wide_elementwise_calls"] += e.count
         else:
-            out["other_ms"] += ms
-    return out
+            split["other_ms"] += ms
+    return top, split
 
 
 def main() -> None:
@@ -188,10 +182,9 @@ def main() -> None:
                         "ratio_compiled": (t_l2c - t_kd) / pred})
         if args.profile:
             wide = {args.batch * lay["HxW"][0] * lay["HxW"][1] * lay["K"] for lay in ex["layers"].values()}
-            row["breakdown_letkd2"] = wide_breakdown(step_fn(l2, args.batch, args.num_classes, args.precision), wide)
-            row["breakdown_kd"] = wide_breakdown(step_fn(kd, args.batch, args.num_classes, args.precision), wide)
-            row["profile_letkd2"] = profile_table(step_fn(l2, args.batch, args.num_classes, args.precision))
-            row["profile_kd"] = profile_table(step_fn(kd, args.batch, args.num_classes, args.precision))
+            for name, d in (("letkd2", l2), ("kd", kd)):
+                row[f"profile_{name}"], row[f"breakdown_{name}"] = profile_step(
+                    step_fn(d, args.batch, args.num_classes, args.precision), wide)
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if not k.startswith("profile") and k != "layers"}), flush=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def _run(script: str, *args: str) -> None:
@@ -21,7 +20,6 @@ def test_throughput_script(tmp_path) -> None:
          "--batch", "4", "--steps", "1", "--warmup", "0", "--k-penult", "16", "--num-classes", "10",
          "--device", "cpu", "--out", str(out))
     rows = json.loads(out.read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
     assert [r["method"] for r in rows] == ["kd", "letkd2"]
     for r in rows:
         assert {"method", "teacher", "student", "precision", "device", "batch", "images_per_second"} <= set(r)
@@ -33,9 +31,15 @@ def test_throughput_script(tmp_path) -> None:
 def test_letkd_cost_script(tmp_path) -> None:
     out = tmp_path / "cost.json"
     _run("letkd_cost.py", "--pairs", "resnet20:resnet8", "--batch", "4", "--k-penult", "16", "--num-classes", "10",
-         "--steps", "1", "--warmup", "1", "--out", str(out))
+         "--steps", "1", "--warmup", "1", "--profile", "--out", str(out))
     (row,) = json.loads(out.read_text())
     assert row["extra_gmacs"] > 0 and row["kd_step_gmacs"] > row["extra_gmacs"]
     assert row["predicted_extra_s"] > 0 and "ratio" in row
     # extra MACs = KD layers (forward + backward) + targets; both parts are counted
     assert abs(row["extra_gmacs"] - row["extra_kd_layers_gmacs"] - row["extra_targets_gmacs"]) < 1e-9
+    # --profile: top operators and the matmul / element-wise / other split, for both methods
+    for name in ("letkd2", "kd"):
+        assert row[f"profile_{name}"] and {"op", "self_ms", "calls"} <= set(row[f"profile_{name}"][0])
+        assert set(row[f"breakdown_{name}"]) == {"wide_matmul_ms", "wide_elementwise_ms", "wide_elementwise_calls",
+                                                 "other_ms"}
+    assert row["breakdown_letkd2"]["wide_elementwise_calls"] > 0 and row["breakdown_kd"]["wide_elementwise_calls"] == 0
