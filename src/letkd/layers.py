@@ -1,23 +1,18 @@
-"""The KD layer that lets the student decide (METHOD.md §1) and its attachment to a student (§2).
+"""The KD layer that lets the student decide (METHOD.md §1): its mathematics only.
 
-:class:`KDLayer` is an ordinary ``nn.Module``; it stays in the student at inference. It runs
-inside the student's own forward through a forward hook (:func:`attach_kd_layers`, built on
-:func:`letkd.models.taps.insert_after`), so the student alone has it in ``state_dict``,
-``eval()`` and ONNX export, and needs no teacher.
+:class:`KDLayer` is an ordinary ``nn.Module``; it stays in the student at inference. It knows
+nothing of architectures: :func:`letkd.models.attach.attach_kd_layers` places it in a student
+through the taps (METHOD §2).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from letkd.models.taps import feature_shapes, insert_after, resolve
-
-__all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "normalised_rows_matmul", "KDLayerSpec", "attach_kd_layers", "kd_layer_extra_params"]
+__all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "normalised_rows_matmul", "kd_layer_extra_params"]
 
 EPS = 1e-12  # METHOD §1.1: L2-normalisation eps
 
@@ -147,7 +142,7 @@ class KDLayer(nn.Module):
     (the layer runs inside the student's forward through a hook).
     ``α`` is a plain float (not learnt). With ``α = 0`` (QuEST, ablations) the value branch is
     skipped and ``x_hat`` is ``x`` itself; ``bn`` and ``values`` then receive no gradient
-    (:func:`attach_kd_layers` freezes them so DDP does not see unused trainable parameters).
+    (:func:`letkd.models.attach.attach_kd_layers` freezes them so DDP does not see unused trainable parameters).
     Extra parameters: ``2·C·K + 2·K + 2`` (:func:`kd_layer_extra_params`).
     """
 
@@ -189,51 +184,3 @@ class KDLayer(nn.Module):
 def kd_layer_extra_params(channels: int, num_templates: int) -> int:
     """Extra parameters of one KD layer: ``2·C·K + 2·K + 2`` (METHOD §1)."""
     return 2 * channels * num_templates + 2 * num_templates + 2
-
-
-@dataclass
-class KDLayerSpec:
-    """Where and how to attach one KD layer: a tap name or module path of the student,
-    the number of templates K, the residual weight α, and (optionally) the channel count C
-    (found by a dry forward pass when None)."""
-
-    tap: str
-    num_templates: int
-    alpha: float = 1.0
-    channels: int | None = None
-
-
-def attach_kd_layers(student: nn.Module, arch: str | None, specs: Mapping[str, KDLayerSpec],
-                     input_shape: tuple[int, int, int] | None = None) -> dict[str, KDLayer]:
-    """Attach KD layers to ``student`` (METHOD §2); return ``{name: KDLayer}``.
-
-    Each layer is registered as ``student.kd_layers.<name>`` and a forward hook on the tapped
-    module replaces its output by the layer's ``x_hat`` (scores kept in ``layer.last_scores``).
-    Layers whose taps resolve to the same module path run in the order of ``specs``: pass the
-    intermediate layer before the penultimate one (METHOD §2, resnet8x4). ``arch`` selects the
-    tap table of ``letkd.models.TAPS`` (None: ``specs`` give module paths). ``input_shape``
-    (C, H, W) is needed only when a spec has ``channels=None``.
-    Layers with ``alpha == 0`` get ``bn`` and ``values`` frozen (``requires_grad=False``):
-    they are not used in the forward.
-    """
-    paths = {name: resolve(student, spec.tap, arch) for name, spec in specs.items()}
-    need = {n: p for n, p in paths.items() if specs[n].channels is None}
-    shapes: dict[str, tuple[int, ...]] = {}
-    if need:
-        if input_shape is None:
-            raise ValueError(f"attach_kd_layers: channels unknown for {sorted(need)}; pass input_shape=(C, H, W) "
-                             "or give KDLayerSpec.channels")
-        shapes = feature_shapes(student, need, input_shape)
-    p = next(iter(student.parameters()), None)
-    layers: dict[str, KDLayer] = {}
-    for name, spec in specs.items():
-        c = spec.channels if spec.channels is not None else int(shapes[name][0])
-        layer = KDLayer(c, spec.num_templates, spec.alpha)
-        if p is not None:
-            layer = layer.to(device=p.device)
-        if spec.alpha == 0.0:
-            for q in [*layer.bn.parameters(), *layer.values.parameters()]:
-                q.requires_grad_(False)
-        insert_after(student, paths[name], layer, name)
-        layers[name] = layer
-    return layers

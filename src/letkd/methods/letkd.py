@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from letkd.layers import KDLayer, KDLayerSpec, attach_kd_layers
+from letkd.layers import KDLayer
 from letkd.methods.base import Context, Distiller, register
+from letkd.models.attach import KDLayerSpec, attach_kd_layers
 from letkd.models.taps import feature_shapes, resolve
 from letkd.targets.artifact import load_targets, save_targets, teacher_fingerprint
 from letkd.targets.codebook import soft_targets
