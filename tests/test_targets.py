@@ -1,6 +1,8 @@
 """Offline teacher targets (METHOD §3): extraction, codebook, LDA, sub-classes, S, artifact, fit."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,128 @@ def test_fit_targets_penult_only() -> None:
     out = fit_targets(ToyTeacher(), "toy", lambda: iter(_batches()), penult_path="stage3", inter_path=None,
                       penult_pool=None, inter_pool=None, num_classes=4, k_penult=4, kmeans_iters=2, progress=False)
     assert out["inter"] is None and out["penult"]["centroids"].shape == (4, 16)
+
+
+# ---- equality with the four-pass ordering (targets bit-identical for the same seed and data) ------
+# Cases on toy data: capped (the K-means samples are proper samples), a cap above every class's
+# size (keyed sampling that keeps everything), uncapped, and a class with no location at all.
+FIT_CASES = {
+    "capped": dict(n=40, nc=4, label_classes=4, max_samples=60, k_penult=8, k_sub=3, penult_pool=(2, 2)),
+    "cap_above_class_size": dict(n=30, nc=4, label_classes=4, max_samples=5000, k_penult=6, k_sub=2,
+                                 penult_pool=None),
+    "uncapped": dict(n=30, nc=4, label_classes=4, max_samples=None, k_penult=8, k_sub=3, penult_pool=(2, 2)),
+    "empty_class": dict(n=36, nc=5, label_classes=4, max_samples=50, k_penult=8, k_sub=2, penult_pool=(2, 2)),
+}
+FIXTURE = Path(__file__).parent / "fixtures" / "fit_targets_ref.pt"
+
+
+def _case_batches(case: dict) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    n = case["n"]
+    images = torch.randn(n, 3, 16, 16, generator=g)
+    labels = torch.randint(0, case["label_classes"], (n,), generator=g)
+    return [{"images": images[s:s + 7], "labels": labels[s:s + 7], "index": torch.arange(s, min(n, s + 7))}
+            for s in range(0, n, 7)]
+
+
+def _case_teacher() -> ToyTeacher:
+    torch.manual_seed(0)
+    t = ToyTeacher()
+    with torch.no_grad():  # non-trivial BN statistics, so eval mode differs from train mode
+        t.stage1[1].running_mean.uniform_(-0.2, 0.2)
+        t.stage1[1].running_var.uniform_(0.5, 2.0)
+    return t
+
+
+def _fit_case(case: dict, calls: list | None = None) -> dict:
+    batches = _case_batches(case)
+
+    def batches_fn():
+        if calls is not None:
+            calls.append(1)
+        return iter(batches)
+
+    return fit_targets(_case_teacher(), "toy", batches_fn, penult_path="stage3", inter_path="stage3.0",
+                       penult_pool=case["penult_pool"], inter_pool=None, num_classes=case["nc"],
+                       k_penult=case["k_penult"], k_sub=case["k_sub"], kmeans_iters=4,
+                       max_samples=case["max_samples"], seed=3, progress=False)
+
+
+def _four_pass_reference(case: dict) -> dict:
+    """The fit as it was ordered before the two-pass rewrite (one process), from the library's
+    unchanged primitives: pass 1 codebook sample + LDA statistics; pass 2 LDA features per class
+    (or all of them when uncapped) and the per-class K-means; pass 3 prototypes; pass 4 decisions
+    (passes 3-4 on the in-memory copy when uncapped)."""
+    import math
+
+    from letkd.targets import fit_codebook
+    from letkd.targets.extract import row_positions
+    from letkd.targets.fit import lda_dimension
+
+    teacher, batches, seed, cap = _case_teacher(), _case_batches(case), 3, case["max_samples"]
+    nc, k_sub, iters = case["nc"], case["k_sub"], 4
+    paths, pools = {"penult": "stage3", "inter": "stage3.0"}, {"penult": case["penult_pool"], "inter": None}
+    sampler, stats = RowSampler(cap, seed), None
+    for fb in stream_features(teacher, batches, paths, pools):                      # pass 1
+        sampler.add(fb.feats["penult"], positions=row_positions(fb.index["penult"]))
+        if stats is None:
+            stats = ClassStats(nc, fb.feats["inter"].shape[1])
+        stats.update(fb.feats["inter"], fb.labels["inter"])
+    centroids = fit_codebook(sampler.result()[0], case["k_penult"], iters, seed)
+    mean, W, evals = fit_lda(stats, lda_dimension(60, stats.dim, nc))
+    inter = {"inter": paths["inter"]}
+    per_cap = max(k_sub, math.ceil(cap / nc)) if cap else None
+    samplers: dict[int, RowSampler] = {}
+    for fb in stream_features(teacher, batches, inter, {"inter": None}):            # pass 2
+        z, y, pos = lda_project(fb.feats["inter"], mean, W), fb.labels["inter"], row_positions(fb.index["inter"])
+        for c in (torch.unique(y).tolist() if per_cap else [-1]):
+            m = y == c if per_cap else torch.ones_like(y, dtype=torch.bool)
+            samplers.setdefault(c, RowSampler(per_cap, seed + 1 + c)).add(z[m], y[m], positions=pos[m])
+    parts = [samplers[c].result() for c in sorted(samplers)]
+    z_all, y_all = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if per_cap is None:  # uncapped: the merge groups the rows by class, position order within a class
+        order = torch.argsort(y_all, stable=True)
+        z_s, y_s = z_all[order], y_all[order]
+    else:
+        z_s, y_s = z_all, y_all
+    centres = fit_subclass_centres(z_s, y_s, nc, k_sub, iters, seed)[0]
+    dec = DecisionStats(centres)
+    if per_cap is None:
+        dec.add_prototypes(z_all, y_all)                                            # passes 3-4 in memory
+        dec.finish_prototypes()
+        dec.add_decisions(z_all, y_all)
+    else:
+        for fb in stream_features(teacher, batches, inter, {"inter": None}):        # pass 3
+            dec.add_prototypes(lda_project(fb.feats["inter"], mean, W), fb.labels["inter"])
+        dec.finish_prototypes()
+        for fb in stream_features(teacher, batches, inter, {"inter": None}):        # pass 4
+            dec.add_decisions(lda_project(fb.feats["inter"], mean, W), fb.labels["inter"])
+    return {"penult": {"centroids": centroids},
+            "inter": {"mean": mean, "W": W, "eigenvalues": evals, "centres": centres, "prototypes": dec.prototypes,
+                      "empty": dec.empty, "counts": dec.counts, "S": dec.score_matrix()}}
+
+
+def _assert_same_targets(got: dict, ref: dict) -> None:
+    assert torch.equal(got["penult"]["centroids"], ref["penult"]["centroids"])
+    assert set(got["inter"]) == set(ref["inter"])
+    for k, v in ref["inter"].items():
+        assert got["inter"][k].dtype == v.dtype and torch.equal(got["inter"][k], v), k
+
+
+@pytest.mark.parametrize("name", sorted(FIT_CASES))
+def test_fit_targets_bit_identical_to_four_pass_order(name) -> None:
+    case = FIT_CASES[name]
+    calls: list = []
+    got = _fit_case(case, calls)
+    _assert_same_targets(got, _four_pass_reference(case))
+
+
+def test_fit_targets_equal_to_pre_rewrite_fixture() -> None:
+    """The fixture was written by the fit as it was before the two-pass rewrite (commit 180a278,
+    tests/fixtures/make_fit_targets_ref.py); kernels may round differently under another torch
+    version or thread count, so it is compared only under the ones it was made with."""
+    ref = torch.load(FIXTURE, weights_only=True)
+    if ref["torch"] != str(torch.__version__) or ref["threads"] != torch.get_num_threads():
+        pytest.skip(f"fixture made with torch {ref['torch']} on {ref['threads']} threads")
+    for name, case in FIT_CASES.items():
+        _assert_same_targets(_fit_case(case), ref["cases"][name])
