@@ -90,8 +90,9 @@ def cmd_evaluate(args) -> int:
 
     from letkd.engine.checkpoint import load_file
     from letkd.engine.trainer import evaluate, rebuild_deployable, resolve_precision
+    from letkd.models.shipped import resolve_weights_source
 
-    ck = load_file(args.checkpoint)
+    ck = load_file(resolve_weights_source(args.checkpoint))
     if args.overrides:
         from letkd import config
 
@@ -117,8 +118,9 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from letkd.engine.checkpoint import load_file
     from letkd.export import export_onnx
+    from letkd.models.shipped import resolve_weights_source
 
-    ck = load_file(args.checkpoint)
+    ck = load_file(resolve_weights_source(args.checkpoint))
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     try:
         report = export_onnx(ck, out, verify=not args.no_verify)
@@ -132,7 +134,7 @@ def cmd_quickstart(args) -> int:
     from letkd.quickstart import quickstart
 
     quickstart(args.out, train_subset=args.train_subset, test_subset=args.test_subset, epochs=args.epochs,
-               seeds=tuple(args.seeds), precision=args.precision, data_root=args.data_root)
+               seeds=tuple(args.seeds), precision=args.precision, data_root=args.data_root, teacher=args.teacher)
     return 0
 
 
@@ -154,11 +156,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from letkd.report.decisions import diagnose_run, diagnostics_markdown
+
+    device = args.device if args.device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    result = diagnose_run(args.run_dir, out=args.out or None, checkpoint=args.checkpoint,
+                          overrides=list(args.overrides), device=device)
+    print(diagnostics_markdown(result, f"{result['method']} {result['teacher']} → {result['student']}"))
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.command == "models":
         from letkd import models
+        from letkd.models.shipped import SHIPPED
 
-        print("\n".join(models.names()))
+        with_weights: dict[str, list[str]] = {}
+        for w in SHIPPED.values():
+            with_weights.setdefault(w.arch, []).append(f"{w.name} ({w.test_acc:.2f} % test)")
+        print("\n".join(f"{n:24s} shipped weights: {', '.join(with_weights[n])}" if n in with_weights else n
+                        for n in models.names()))
     elif args.command == "methods":
         from letkd import methods
 
@@ -207,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
     s.set_defaults(func=cmd_evaluate)
 
+    s = sub.add_parser("diagnose", help="the student's decisions vs the teacher's, per KD layer, on the test set")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a finished letkd1 / letkd2 / quest run directory")
+    s.add_argument("overrides", nargs="*", help="config overrides for loading data/teacher, e.g. data.root=...")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s.add_argument("--out", default="", help="output folder for decisions.{json,md} (default: RUN_DIR/report)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_diagnose)
+
     s = sub.add_parser("export", help="export a checkpoint's student (with its KD layers)")
     s.add_argument("checkpoint")
     s.add_argument("--format", default="onnx", choices=["onnx"])
@@ -219,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-subset", type=int, default=12000, help="training images (0: all 60,000)")
     s.add_argument("--test-subset", type=int, default=0, help="class-balanced test images (0: all 10,000)")
     s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--teacher", default="fashion_mnist/resnet20",
+                   help="resnet20 teacher: shipped weights (default) or a checkpoint file")
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--precision", default="auto", choices=["fp32", "bf16", "fp16", "auto"])
     s.add_argument("--data-root", default="data")

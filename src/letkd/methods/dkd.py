@@ -49,7 +49,7 @@ class DKDParams:
     alpha: float = 1.0        # TCKD weight (mdistiller DKD.ALPHA)
     beta: float = 8.0         # NCKD weight (mdistiller DKD.BETA; per pair: DKD_BETA_PER_PAIR)
     T: float = 4.0            # temperature (mdistiller DKD.T)
-    warmup: int = 20          # epochs of linear warm-up min(epoch/warmup, 1) (mdistiller DKD.WARMUP)
+    warmup: float = 20.0      # epochs of linear warm-up min(epoch/warmup, 1) (mdistiller DKD.WARMUP); may be fractional
     ce_weight: float = 1.0    # mdistiller DKD.CE_WEIGHT
     weight: float = 1.0       # overall multiplier of α·TCKD + β·NCKD (ours; 1 = mdistiller)
 

@@ -87,7 +87,7 @@ class ReviewKDParams:
     teacher_pooled_tap: str = ""      # empty: same as ``pooled_tap``
     max_mid_channels: int = 512       # mdistiller REVIEWKD.MAX_MID_CHANNEL
     weight: float = 5.0               # mdistiller cifar100/reviewkd.yaml; authors' script (see dict)
-    warmup: int = 20                  # authors --kd-warm-up 20; mdistiller WARMUP_EPOCHS 20
+    warmup: float = 20.0              # authors --kd-warm-up 20; mdistiller WARMUP_EPOCHS 20 (may be fractional)
     ce_weight: float = 1.0            # authors --ce-loss-weight 1; mdistiller CE_WEIGHT 1
     pyramid: list[int] = field(default_factory=lambda: [4, 2, 1])   # HCL levels (authors' hcl)
 

@@ -27,8 +27,11 @@ _MAX_LIST = 10
 
 
 def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file safely and return the model's state_dict in it (prefixes stripped)."""
-    path = Path(source)
+    """Read a weights file safely and return the model's state_dict in it (prefixes stripped).
+    ``source`` may also name shipped weights (``fashion_mnist/resnet20``, :mod:`letkd.models.shipped`)."""
+    from letkd.models.shipped import resolve_weights_source
+
+    path = resolve_weights_source(source)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     try:
