@@ -7,6 +7,7 @@ error cases call ``letkd.cli.main`` in-process (the same code path as the comman
 imports); the kill tests and one error test run the real command in a subprocess.
 See docs/guarantees.md for what each test proves.
 """
+import csv
 import gzip
 import io
 import json
@@ -190,6 +191,12 @@ def test_sweep_killed_between_runs_continues(fast, tmp_path):
     assert json.loads((second / "summary.json").read_text())["epochs"] == 1
     table = (out / "results.md").read_text()
     assert "| first |" in table and "| second |" in table and "pending" not in table
+    # wall time per run in the tables: the run's own summary figure
+    with open(out / "results.csv") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    wall = json.loads((second / "summary.json").read_text())["wall_seconds"]
+    assert float(rows["second"]["wall_seconds_mean"]) == pytest.approx(wall)
+    assert f"{wall / 60:.1f} min" in table
 
 
 # ------------------------------------------------------------------------ 2. atomic writes

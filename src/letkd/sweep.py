@@ -138,14 +138,16 @@ def collect(root: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for r in runs:
         s_path = r.run_dir / "summary.json"
-        row = rows.setdefault(r.label, {"label": r.label, "best": [], "last": [], "runs": [], "summary": None,
-                                        "pending": 0})
+        row = rows.setdefault(r.label, {"label": r.label, "best": [], "last": [], "wall": [], "runs": [],
+                                        "summary": None, "pending": 0})
         if not s_path.exists():
             row["pending"] += 1
             continue
         s = json.loads(s_path.read_text())
         row["best"].append(s["best_acc"])
         row["last"].append(s["last_acc"])
+        if s.get("wall_seconds") is not None:
+            row["wall"].append(s["wall_seconds"])
         row["runs"].append(r.run_dir)
         row["summary"] = s
     out = []
@@ -159,6 +161,7 @@ def collect(root: Path, runs: list[SweepRun]) -> list[dict[str, Any]]:
                     "best_all": row["best"], "last_all": row["last"],
                     "params_student": s.get("params_student"), "params_extra": s.get("params_extra"),
                     "images_per_second": s.get("images_per_second"), "epochs": s.get("epochs"),
+                    "wall_seconds_mean": mean_std(row["wall"])[0],
                     "runs": [str(p) for p in row["runs"]]})
     return out
 
@@ -174,21 +177,22 @@ def write_tables(root: Path, rows: list[dict[str, Any]]) -> None:
         w = csv.writer(f)
         w.writerow(["label", "method", "teacher", "student", "seeds", "best_mean", "best_std", "last_mean",
                     "last_std", "best_all", "last_all", "params_student", "params_extra", "images_per_second",
-                    "epochs"])
+                    "epochs", "wall_seconds_mean"])
         for r in rows:
             w.writerow([r["label"], r["method"], r["teacher"], r["student"], r["seeds"], r["best_mean"], r["best_std"],
                         r["last_mean"], r["last_std"], " ".join(map(str, r["best_all"])),
                         " ".join(map(str, r["last_all"])), r["params_student"], r["params_extra"],
-                        r["images_per_second"], r["epochs"]])
-    lines = ["| run | method | teacher → student | seeds | best-epoch acc (%) | last-epoch acc (%) | extra params | img/s | logs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+                        r["images_per_second"], r["epochs"], r["wall_seconds_mean"]])
+    lines = ["| run | method | teacher → student | seeds | best-epoch acc (%) | last-epoch acc (%) | extra params | img/s | wall / run | logs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         links = " ".join(f"[{Path(p).name}]({Path(p).relative_to(root).as_posix()}/metrics.jsonl)"
                          for p in r["runs"] if Path(p).is_relative_to(root))
         ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "–"
         pend = f" (+{r['pending']} pending)" if r["pending"] else ""
+        wall = f"{r['wall_seconds_mean'] / 60:.1f} min" if r.get("wall_seconds_mean") else "–"
         lines.append(f"| {r['label']} | {r['method']} | {r['teacher'] or '–'} → {r['student']} | {r['seeds']}{pend} | "
                      f"{_fmt(r['best_mean'], r['best_std'])} | {_fmt(r['last_mean'], r['last_std'])} | "
-                     f"{r['params_extra'] if r['params_extra'] is not None else '–'} | {ips} | {links} |")
+                     f"{r['params_extra'] if r['params_extra'] is not None else '–'} | {ips} | {wall} | {links} |")
     (root / "results.md").write_text("\n".join(lines) + "\n\nmean ± sample std over seeds; best = best test "
-                                     "accuracy over epochs, last = accuracy after the final epoch.\n")
+                                     "accuracy over epochs, last = accuracy after the final epoch; wall = mean wall time of one run.\n")
