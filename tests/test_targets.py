@@ -76,6 +76,27 @@ def test_row_sampler() -> None:
     assert torch.all(outs[0][1:] > outs[0][:-1])  # stream order
 
 
+def test_feature_spill_replays_batches_bit_for_bit(tmp_path) -> None:
+    from letkd.targets.spill import FeatureSpill
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 3, generator=g) * 1e3, torch.randint(0, 7, (n,), generator=g)) for n in (5, 0, 9, 1)]
+    with FeatureSpill(3, str(tmp_path)) as spill:
+        for z, y in batches:
+            spill.write(z, y)
+        assert spill.rows == 15 and spill.nbytes == 15 * 16
+        assert len(list(tmp_path.iterdir())) <= 1   # one anonymous temporary file (may be unlinked already)
+        for _ in range(2):   # replayed twice, as steps 3 and 4-5 do
+            got = list(spill.replay())
+            kept = [b for b in batches if len(b[1])]   # an empty batch adds nothing and is not kept
+            assert len(got) == len(kept)
+            for (z, y), (z0, y0) in zip(got, kept):
+                assert torch.equal(z, z0) and y.dtype == torch.long and torch.equal(y, y0)
+        with pytest.raises(TypeError):
+            spill.write(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- codebook (Alg. 1) -----------------------------------------------------------------------
 def test_soft_targets_vs_loop() -> None:
     g = torch.Generator().manual_seed(0)
@@ -226,7 +247,7 @@ def test_fit_targets_end_to_end(max_samples) -> None:
                       penult_pool=(2, 2), inter_pool=None, num_classes=4, k_penult=8, k_sub=2,
                       kmeans_iters=5, max_samples=max_samples, seed=0, progress=False,
                       meta={"dataset": "toy", "num_train": 24})
-    assert len(calls) == (2 if max_samples is None else 4)
+    assert len(calls) == 2 == out["num_samples"]["teacher_passes"]
     assert out["penult"]["centroids"].shape == (8, 16)
     inter = out["inter"]
     d = 3  # min(60, 16 channels, 4 classes - 1)
@@ -239,13 +260,15 @@ def test_fit_targets_end_to_end(max_samples) -> None:
         assert out["num_samples"]["penult_kmeans_rows"] == 40
     m = out["meta"]
     assert m["teacher_arch"] == "toy" and m["dataset"] == "toy" and m["lda_dim"] == d and len(m["teacher_fingerprint"]) > 8
-    assert set(out["timings"]) >= {"pass1_features", "codebook_kmeans", "lda", "pass4_decisions"}
+    assert set(out["timings"]) >= {"pass1_features", "codebook_kmeans", "lda", "pass2_lda_features",
+                                 "subclass_kmeans", "prototypes", "decisions"}
 
 
 def test_fit_targets_penult_only() -> None:
     out = fit_targets(ToyTeacher(), "toy", lambda: iter(_batches()), penult_path="stage3", inter_path=None,
                       penult_pool=None, inter_pool=None, num_classes=4, k_penult=4, kmeans_iters=2, progress=False)
     assert out["inter"] is None and out["penult"]["centroids"].shape == (4, 16)
+    assert out["num_samples"]["teacher_passes"] == 1
 
 
 # ---- equality with the four-pass ordering (targets bit-identical for the same seed and data) ------
@@ -360,6 +383,7 @@ def test_fit_targets_bit_identical_to_four_pass_order(name) -> None:
     calls: list = []
     got = _fit_case(case, calls)
     _assert_same_targets(got, _four_pass_reference(case))
+    assert len(calls) == 2 == got["num_samples"]["teacher_passes"]
 
 
 def test_fit_targets_equal_to_pre_rewrite_fixture() -> None:
