@@ -1,12 +1,16 @@
-"""Time and peak memory of `letkd fit-targets` (offline teacher statistics, METHOD §3).
+"""Time, peak memory and teacher passes of `letkd fit-targets` (offline teacher statistics, METHOD §3).
 
 Each measurement runs the real command in a fresh process and reads that process's peak
 resident memory (``ru_maxrss`` of the child). With ``--subsets N 2N`` it shows whether peak
-memory grows with the dataset (it should not beyond the K-means sample cap).
+memory grows with the dataset (it should not beyond the K-means sample cap). Each row records
+``teacher_passes`` (how many times the training set went through the teacher; at most 2), the
+fit's settings (``k_penult``, ``max_samples``, ``lda_dim``, ``k_sub``) and, when capped, the bytes
+of LDA features the fit kept in its temporary file (``spill_bytes``: on disk, not in memory).
 
     python benchmarks/fit_targets.py --config configs/fashion_mnist/resnet20_resnet8/letkd2.yaml \
-        --subsets 0 --out benchmarks/results/fit_targets_fmnist.json
-    python benchmarks/fit_targets.py --config ... --subsets 15000 30000 --set method.max_samples=100000 \
+        --subsets 0 --set method.k_penult=4096 --out benchmarks/results/fit_targets_fmnist.json
+    python benchmarks/fit_targets.py --config configs/fashion_mnist/resnet20_resnet8/letkd2.yaml \
+        --subsets 15000 30000 --set method.max_samples=100000 method.k_penult=4096 \
         --out benchmarks/results/fit_targets_scaling.json
 """
 from __future__ import annotations
@@ -39,10 +43,24 @@ def measure(config: str, subset: int, extra: list[str], targets_dir: str = "") -
         peak_kib = usage.ru_maxrss
         out = json.loads(text[text.index("{\n"):])
         size = Path(out["targets"]).stat().st_size
+        meta = _artifact_meta(out["targets"])
+    counts = out["num_samples"] or {}
+    spill = None
+    if meta.get("max_samples") and meta.get("lda_dim") and "inter_locations" in counts:
+        spill = counts["inter_locations"] * (4 * meta["lda_dim"] + 4)   # letkd.targets.spill: float32 z + int32 label
     return {"train_subset": subset or "all", "command": " ".join(cmd[1:]).replace(tmp, "<tmp>"),
-            "wall_seconds": round(wall, 1), "fit_seconds": out["seconds"], "timings": out["timings"],
-            "num_samples": out["num_samples"], "peak_rss_mib": round(peak_kib / 1024, 1),
-            "artifact_bytes": size}
+            "wall_seconds": round(wall, 1), "fit_seconds": out["seconds"],
+            "teacher_passes": counts.get("teacher_passes"),
+            **{k: meta.get(k) for k in ("k_penult", "max_samples", "lda_dim", "k_sub")},
+            "timings": out["timings"], "num_samples": counts, "peak_rss_mib": round(peak_kib / 1024, 1),
+            "spill_bytes": spill, "artifact_bytes": size}
+
+
+def _artifact_meta(path: str) -> dict:
+    """The fit's settings, from the artifact it wrote."""
+    import torch
+
+    return dict(torch.load(path, map_location="cpu", weights_only=True)["meta"])
 
 
 def main() -> None:
