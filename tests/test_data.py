@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gzip
+import json
+import math
 import os
 import pickle
 import struct
@@ -13,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from conftest import ROOT, letkd_inproc
 from letkd.config import DataConfig
 from letkd.data import (DataFormatError, DatasetInfo, DatasetNotFoundError, InMemoryData, balanced_subset, build,
-                        crop_flip, draw_crop_flip, draw_rotate_flip, epoch_generator, read_cifar_pickle, read_idx,
+                        crop, crop_flip, draw_crop, draw_crop_flip, draw_rotate_flip, epoch_generator, read_cifar_pickle, read_idx,
                         restricted_pickle_load, rotate_flip)
-from letkd.data.sources import FASHION_MNIST_SYSTEM_DIR, Split, load_fashion_mnist
+from letkd.data.sources import FASHION_MNIST_SYSTEM_DIR, Split, load_cifar100, load_fashion_mnist
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -205,6 +209,37 @@ def test_missing_datasets_name_places(tmp_path):
     assert str(tmp_path / "imagenet") in str(e.value)
 
 
+@pytest.mark.parametrize("download", [True, False])
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar100"])
+def test_download_advice_matches_the_setting(tmp_path, monkeypatch, dataset, download):
+    """No network here: torchvision's downloader is replaced by one that fails as it does offline."""
+    import torchvision
+
+    tried = []
+
+    def offline(root, train=True, download=False, **kw):
+        tried.append(download)
+        raise ConnectionError("no route to host (offline)")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(DatasetNotFoundError) as e:
+        if dataset == "fashion_mnist":
+            load_fashion_mnist(str(tmp_path), download, system_dir=str(tmp_path / "nosys"))
+        else:
+            load_cifar100(str(tmp_path), download)
+    msg = str(e.value)
+    if download:
+        assert tried and all(tried)
+        assert "Tried (data.download=true)" in msg and "ConnectionError: no route to host" in msg
+        assert "data.download is already true" in msg and "set data.download=true" not in msg
+    else:
+        assert not tried
+        assert "data.download=false, so no download was tried" in msg and "set data.download=true" in msg
+        assert "Tried" not in msg
+    assert ("cs.toronto.edu" if dataset == "cifar100" else "dataset-fashion-mnist") in msg
+
+
 # ----------------------------------------------------------------------------- Tiny-ImageNet
 def test_tiny_imagenet_folder_cache_and_zip(tmp_path):
     from PIL import Image
@@ -278,6 +313,36 @@ def test_image_folder_in_memory(tmp_path):
         build(DataConfig(name="image_folder"), batch_size=6, test_batch_size=4)
 
 
+def test_distill_on_an_image_folder_with_crop(tmp_path):
+    """`letkd distill ... data.augment=crop` on a folder of grey, left-right asymmetric images."""
+    from PIL import Image
+
+    from letkd import models
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for k, c in enumerate(("one", "four", "seven")):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 40, (32, 32), dtype=np.uint8)
+                img[4:28, 6 + 6 * k:10 + 6 * k] = 220  # a bar whose position names the class: mirroring moves it
+                Image.fromarray(img, mode="L").save(tmp_path / split / c / f"{i}.png")
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)  # random weights stand in for a trained teacher
+    torch.save({"model": models.create("resnet8", num_classes=3, in_channels=1).state_dict()}, teacher)
+    run = tmp_path / "run"
+    letkd_inproc("distill", ROOT / "configs" / "fashion_mnist" / "resnet20_resnet8" / "kd.yaml",
+                 "data.name=image_folder", f"data.train_dir={tmp_path / 'train'}", f"data.test_dir={tmp_path / 'test'}",
+                 "data.augment=crop", "data.image_size=32", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+                 "train.epochs=1", "train.batch_size=6", "train.test_batch_size=6", "train.precision=fp32",
+                 "train.channels_last=false", "train.progress=false", "run.tensorboard=false", f"run.dir={run}")
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["augment"] == "crop"
+    s = json.loads((run / "summary.json").read_text())
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert s["dataset"] == "image_folder" and s["epochs"] == 1 and row["train_images"] == 18
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss"))
+
+
 # ------------------------------------------------------------------------------------ subsets
 def test_subset_balanced_and_deterministic(tmp_path):
     labels = torch.arange(200) % 10
@@ -316,6 +381,57 @@ def test_crop_flip_matches_per_image_reference(mode):
     idx = torch.tensor([3, 0, 7])  # gather straight from the dataset
     assert torch.equal(crop_flip(x, 4, offsets[:3], flips[:3], mode=mode, index=idx),
                        crop_flip(x[idx], 4, offsets[:3], flips[:3], mode=mode))
+
+
+def _pad_crops(x: torch.Tensor, pad: int, mode: str) -> list[torch.Tensor]:
+    """Every pad-and-crop of one C×H×W image (no flip), computed directly with F.pad."""
+    _, H, W = x.shape
+    p = F.pad(x[None].float(), [pad] * 4, mode="reflect" if mode == "reflect" else "constant")[0]
+    return [p[:, t:t + H, l:l + W] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_crop_matches_reference_and_never_flips(mode):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (8, 3, 10, 12), generator=g, dtype=torch.uint8)
+    offsets = draw_crop(g, 8, 4)
+    assert offsets.shape == (8, 2) and offsets.min() >= 0 and offsets.max() <= 8
+    out = crop(x, 4, offsets, mode=mode)
+    for i in range(8):
+        t, l = offsets[i].tolist()
+        assert torch.equal(out[i].float(), _pad_crops(x[i], 4, mode)[t * 9 + l]), i
+    # a left-right asymmetric image (brightness rising left to right) through the whole loader:
+    # over many draws every crop is an unmirrored pad-and-crop of it, never a mirrored one
+    ramp = (torch.arange(8) * 30 + 10).to(torch.uint8).expand(1, 8, 8)
+    imgs = ramp.expand(20, 1, 8, 8).clone()
+    plain = _pad_crops(ramp, 1, "zeros")
+    mirrored = [c.flip(-1) for c in plain]
+    assert not any(torch.equal(m, c) for m in mirrored for c in plain)  # so a flip would be caught
+    seen = {}
+    for augment in ("crop", "crop_flip"):
+        info = DatasetInfo("ramp", 1, 1, (8, 8), (0.0,), (1.0,), 20, 4, ["a"])
+        d = InMemoryData(info, Split(imgs, torch.zeros(20, dtype=torch.long)), Split(imgs[:4], torch.zeros(4, dtype=torch.long)),
+                         augment=augment, pad_mode="zeros", batch_size=10)
+        assert d.pad == 1
+        got = [b["images"][i] * 255 for e in range(10) for b in d.train_batches(e) for i in range(len(b["images"]))]
+        assert len(got) == 200
+        seen[augment] = [any(torch.allclose(y, m, atol=1e-3) for m in mirrored) for y in got]
+        assert all(any(torch.allclose(y, c, atol=1e-3) for c in plain + mirrored) for y in got)
+    assert not any(seen["crop"])  # crop: 200 draws, none mirrored
+    assert 50 < sum(seen["crop_flip"]) < 150  # crop_flip mirrors about half: the check sees flips
+
+
+def test_streaming_crop_never_flips():
+    from PIL import Image
+
+    from letkd.data import make_transforms
+    ramp = Image.fromarray((np.arange(16, dtype=np.uint8) * 15 + 5)[None].repeat(16, 0), mode="L")
+    train, _ = make_transforms("crop", 16, None, squash=True)
+    torch.manual_seed(0)
+    for _ in range(50):
+        y = train(ramp)[0].float()
+        inner = y[:, 2:-2]  # away from the reflected border, brightness still rises left to right
+        assert (inner[:, 1:] > inner[:, :-1]).all()
 
 
 def test_rotate_flip_matches_torchvision():

@@ -40,7 +40,7 @@ class DataConfig:
     train_subset: int = 0                # >0: use N class-balanced training images
     test_subset: int = 0                 # >0: use N class-balanced test images
     subset_seed: int = 0
-    augment: str = "auto"                # auto (the dataset's recipe) | none | crop_flip | rotate_flip | imagenet
+    augment: str = "auto"                # auto (the dataset's recipe) | none | crop | crop_flip | rotate_flip | imagenet
     num_workers: int = 4                 # DataLoader workers (ImageNet-scale data only)
     download: bool = True                # try torchvision download where there is internet
     train_dir: str = ""                  # image_folder: folder of class sub-folders for training
@@ -122,7 +122,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("fashion_mnist", "cifar100", "tiny_imagenet", "imagenet", "image_folder"),
-    "data.augment": ("auto", "none", "crop_flip", "rotate_flip", "imagenet"),
+    "data.augment": ("auto", "none", "crop", "crop_flip", "rotate_flip", "imagenet"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.schedule": ("multistep", "cosine"),
     "train.lr_rule": ("none", "linear"),

@@ -17,6 +17,10 @@ imagenet        ``imagenet/{train,val}`` class folders           imagenet (Rando
 image_folder    ``data.train_dir`` / ``data.test_dir``           crop_flip (pad size//8, reflect)
 ==============  ===============================================  ===============================
 
+Other recipes for ``data.augment``: ``none``, ``crop`` (crop_flip's pad-and-crop, never
+mirrored: for digits, text and other images whose left and right differ), ``crop_flip``,
+``rotate_flip``, ``imagenet`` (docs/usage.md says when to choose which).
+
 Fashion-MNIST mean/std are those of the zero-padded 32×32 training images, computed once from
 the 60,000 training images: mean 0.2190, std 0.3318 (population std over all pixels).
 """
@@ -24,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .augment import (crop_flip, draw_crop_flip, draw_resized_crop_flip, draw_rotate_flip, normalize,
-                      resized_crop_flip, rotate_flip)
+from .augment import (crop, crop_flip, draw_crop, draw_crop_flip, draw_resized_crop_flip, draw_rotate_flip,
+                      normalize, resized_crop_flip, rotate_flip)
 from .base import (Data, DatasetInfo, DatasetNotFoundError, balanced_subset, epoch_generator, global_batches,
                    rank_bounds, train_steps)
 from .formats import DataFormatError, read_cifar_pickle, read_idx, restricted_pickle_load
@@ -36,7 +40,7 @@ from .stream import StreamingData, make_transforms
 
 __all__ = [
     "DatasetInfo", "Data", "build", "InMemoryData", "StreamingData", "DatasetNotFoundError", "DataFormatError",
-    "crop_flip", "draw_crop_flip", "rotate_flip", "draw_rotate_flip", "resized_crop_flip",
+    "crop", "draw_crop", "crop_flip", "draw_crop_flip", "rotate_flip", "draw_rotate_flip", "resized_crop_flip",
     "draw_resized_crop_flip", "normalize", "read_idx", "read_cifar_pickle", "restricted_pickle_load",
     "balanced_subset", "epoch_generator", "rank_bounds", "global_batches", "train_steps",
     "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "CIFAR100_MEAN", "CIFAR100_STD",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "draw_crop_flip", "crop_flip", "draw_rotate_flip", "rotate_flip",
+    "draw_crop", "crop", "draw_crop_flip", "crop_flip", "draw_rotate_flip", "rotate_flip",
     "draw_resized_crop_flip", "resized_crop_flip", "normalize",
 ]
 
@@ -69,6 +69,20 @@ def crop_flip(images: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torc
         mask = vr[:, None, :, None] & vc[:, None, None, :]
         out = torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=dev))
     return out
+
+
+# ---------------------------------------------------------------- random crop only (no flip)
+def draw_crop(generator: torch.Generator, n: int, pad: int) -> torch.Tensor:
+    """Draw ``n`` crop offsets (top, left) in ``[0, 2*pad]``; nothing else (no flip is drawn)."""
+    return torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+
+
+def crop(images: torch.Tensor, pad: int, offsets: torch.Tensor, *, mode: str = "reflect",
+         index: torch.Tensor | None = None) -> torch.Tensor:
+    """Pad by ``pad`` and crop back to H×W at ``offsets``, never mirrored: :func:`crop_flip`
+    with every flip off (for digits, text and other images whose left and right differ)."""
+    flips = torch.zeros(offsets.shape[0], dtype=torch.bool)
+    return crop_flip(images, pad, offsets, flips, mode=mode, index=index)
 
 
 # -------------------------------------------------------------------- random rotation + flip

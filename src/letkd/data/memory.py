@@ -15,14 +15,15 @@ from .sources import Split
 
 __all__ = ["InMemoryData", "AUGMENTS"]
 
-AUGMENTS = ("none", "crop_flip", "rotate_flip", "imagenet")
+AUGMENTS = ("none", "crop", "crop_flip", "rotate_flip", "imagenet")
 
 
 class InMemoryData(Data):
     """``Data`` over in-memory splits; ``augment`` is one of ``AUGMENTS``.
 
     crop_flip pads by ``pad`` (default H // 8, i.e. 4 for 32×32) with ``pad_mode`` ("reflect" or
-    "zeros"); rotate_flip rotates uniformly in ±``degrees``; imagenet is a batched
+    "zeros"), crops back at a random offset and flips half the images; crop does the same
+    without the flip; rotate_flip rotates uniformly in ±``degrees``; imagenet is a batched
     RandomResizedCrop (scale 0.08..1) back to H×W + flip.
     """
 
@@ -56,6 +57,8 @@ class InMemoryData(Data):
         return {"images": x, "labels": labels, "index": index}
 
     def _draw(self, g: torch.Generator, m: int) -> tuple:
+        if self.augment == "crop":
+            return (A.draw_crop(g, m, self.pad),)
         if self.augment == "crop_flip":
             return A.draw_crop_flip(g, m, self.pad)
         if self.augment == "rotate_flip":
@@ -66,6 +69,8 @@ class InMemoryData(Data):
         return ()
 
     def _augment(self, data: torch.Tensor, idx: torch.Tensor, draws: tuple) -> torch.Tensor:
+        if self.augment == "crop":
+            return A.crop(data, self.pad, *draws, mode=self.pad_mode, index=idx)
         if self.augment == "crop_flip":
             return A.crop_flip(data, self.pad, *draws, mode=self.pad_mode, index=idx)
         if self.augment == "rotate_flip":

@@ -48,6 +48,27 @@ def _not_found(what: str, looked: list[str], how: str, download_note: str = "") 
     return DatasetNotFoundError(f"{what} not found. Looked in:\n{places}{note}\nTo get it: {how}")
 
 
+def _try_download(download: bool, fetch, what: str) -> str:
+    """Run ``fetch`` (a torchvision download) when ``data.download`` is on; return a line saying
+    what was tried and how it ended (or that nothing was tried)."""
+    if not download:
+        return "Not downloaded: data.download=false, so no download was tried."
+    try:
+        fetch()
+    except Exception as e:  # noqa: BLE001 - no internet, read-only root, bad checksum, ...
+        return f"Tried (data.download=true): {what}; it failed: {type(e).__name__}: {e}"
+    return f"Tried (data.download=true): {what}; it finished, but the files above are still not there."
+
+
+def _how(download: bool, manual: str) -> str:
+    """How to get the data, given the ``data.download`` setting that was in force."""
+    if download:
+        return (f"{manual}. data.download is already true and the attempt above did not give the files: fix what "
+                f"it reports (e.g. no internet access here, data.root not writable) or place the files yourself "
+                f"(data.download=false then skips the attempt)")
+    return f"{manual}, or set data.download=true to let torchvision download it (needs internet access)"
+
+
 # ------------------------------------------------------------------------------ Fashion-MNIST
 _FM_FILES = {
     "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -92,24 +113,22 @@ def load_fashion_mnist(root: str, download: bool, system_dir: str = FASHION_MNIS
         files = _fm_files(folder)
         if files:
             return _fm_read(files)
-    note = "torchvision download: disabled (data.download=false)"
-    if download:
-        try:
-            import torchvision
-            for train in (True, False):
-                torchvision.datasets.FashionMNIST(str(r), train=train, download=True)
-            files = _fm_files(r / "FashionMNIST" / "raw")
-            if files:
-                return _fm_read(files)
-            note = f"torchvision download into {r / 'FashionMNIST' / 'raw'} left no idx files"
-        except Exception as e:  # no internet, read-only root, ...
-            note = f"torchvision download into {r} failed: {type(e).__name__}: {e}"
+    url = "https://github.com/zalandoresearch/fashion-mnist"
+    raw = r / "FashionMNIST" / "raw"
+
+    def fetch() -> None:
+        import torchvision
+        for train in (True, False):
+            torchvision.datasets.FashionMNIST(str(r), train=train, download=True)
+
+    note = _try_download(download, fetch, f"torchvision.datasets.FashionMNIST(download=True) into {raw}")
+    if download and (files := _fm_files(raw)):
+        return _fm_read(files)
     names = ", ".join(f"{s}[.gz]" for s in _FM_FILES.values())
     raise _not_found(
         f"Fashion-MNIST (the 4 idx files {names})", [str(c) for c in candidates],
-        "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs into "
-        f"{system_dir}), or data.download=true with internet, or copy the files from "
-        f"https://github.com/zalandoresearch/fashion-mnist into {r / 'FashionMNIST' / 'raw'}",
+        _how(download, "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs into "
+             f"{system_dir}), or copy the files from {url} into {raw}"),
         note,
     )
 
@@ -161,19 +180,19 @@ def load_cifar100(root: str, download: bool) -> tuple[Split, Split, list[str]]:
         if _has_cifar(folder):
             return _cifar_read(folder)
         raise DataFormatError(f"{tar}: extracted, but {folder} has no train/test/meta files")
-    note = "torchvision download: disabled (data.download=false)"
-    if download:
-        try:
-            import torchvision
-            torchvision.datasets.CIFAR100(str(r), train=True, download=True)
-            if _has_cifar(folder):
-                return _cifar_read(folder)
-        except Exception as e:
-            note = f"torchvision download into {r} failed: {type(e).__name__}: {e}"
+
+    def fetch() -> None:
+        import torchvision
+        torchvision.datasets.CIFAR100(str(r), train=True, download=True)
+
+    note = _try_download(download, fetch, f"torchvision.datasets.CIFAR100(download=True) into {r}")
+    if download and _has_cifar(folder):
+        return _cifar_read(folder)
     raise _not_found(
         "CIFAR-100 (python version)", looked,
-        f"download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into {r} "
-        "(it is found as is, or extracted), or set data.download=true with internet", note,
+        _how(download, f"download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into {r} "
+             "(it is found as is, or extracted)"),
+        note,
     )
 
 

@@ -53,6 +53,8 @@ def make_transforms(augment: str, size: int, resize: int | None, squash: bool = 
     test = T.Compose(base + [T.PILToTensor()])
     if augment == "imagenet":
         train = [T.RandomResizedCrop(size, interpolation=I), T.RandomHorizontalFlip()]
+    elif augment == "crop":
+        train = base + [T.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")]
     elif augment == "crop_flip":
         train = base + [T.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"), T.RandomHorizontalFlip()]
     elif augment == "rotate_flip":
@@ -60,7 +62,7 @@ def make_transforms(augment: str, size: int, resize: int | None, squash: bool = 
     elif augment == "none":
         train = list(base)
     else:
-        raise ValueError(f"augment must be one of none, crop_flip, rotate_flip, imagenet; got {augment!r}")
+        raise ValueError(f"augment must be one of none, crop, crop_flip, rotate_flip, imagenet; got {augment!r}")
     return T.Compose(train + [T.PILToTensor()]), test
 
 
