@@ -4,26 +4,33 @@ A checkpoint is a dict of tensors and plain data. It is written to a temporary f
 same directory, flushed and fsync'ed, then renamed over the target (``os.replace`` is atomic
 on POSIX), and the directory entry is fsync'ed: a kill at any moment leaves either the previous
 good file or the new complete one, never a truncated one. Files are read only with
-``torch.load(weights_only=True)``, which cannot execute code.
+``torch.load(weights_only=True)``, which cannot execute code; a file it refuses is diagnosed
+from its bytes (:mod:`letkd.engine.torchfile`).
 """
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load_file", "CheckpointError", "rng_state", "set_rng_state"]
+from letkd.engine.torchfile import DAMAGED, NOT_TORCH, diagnose
+
+__all__ = ["save_atomic", "load_file", "unreadable_message", "CheckpointError", "rng_state", "set_rng_state"]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint or artifact that cannot be read; the message names the file."""
+    """A checkpoint or artifact that cannot be read; the message names the file. ``kind`` is
+    ``"missing"`` or a :func:`letkd.engine.torchfile.diagnose` verdict (``"not_torch"``,
+    ``"damaged"``, ``"code"``)."""
+
+    def __init__(self, message: str, kind: str = "missing") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -56,27 +63,36 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 def load_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """Load a file written by :func:`save_atomic` (or any torch.save file) safely.
 
-    Raises :class:`CheckpointError` naming the file when it is missing, truncated, corrupted,
-    or holds pickled Python objects (which are refused, never executed).
+    Raises :class:`CheckpointError` naming the file when it is missing, and, when torch refuses
+    it, saying which of three things it is (:func:`letkd.engine.torchfile.diagnose`, which never
+    unpickles): not a PyTorch file at all, a truncated or corrupted one, or a pickle that would
+    run code. ``CheckpointError.kind`` is that verdict.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} file {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{what} file {path} contains pickled Python objects that are not plain tensors/data; "
-            f"it was refused (loading it could execute code). Re-save it as a dict of tensors "
-            f"(e.g. torch.save({{'model': model.state_dict()}}, path)). Detail: {str(e).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
-        size = path.stat().st_size
-        raise CheckpointError(
-            f"{what} file {path} ({size} bytes) is truncated or corrupted and cannot be read "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}). "
-            f"Use another copy (for a run: checkpoints/best.pt, or re-run without --resume)."
-        ) from None
+    except Exception as e:  # noqa: BLE001 - every reader failure is diagnosed from the bytes
+        kind, detail = diagnose(path, e)
+    raise CheckpointError(unreadable_message(path, what, kind, detail), kind=kind)
+
+
+def unreadable_message(path: Path, what: str, kind: str, detail: str) -> str:
+    """The error text for each verdict of :func:`letkd.engine.torchfile.diagnose`."""
+    if kind == NOT_TORCH:
+        return (f"{what} file {path} is not a PyTorch file: {detail}. letkd reads files written by torch.save; "
+                f"pass a run's checkpoints/best.pt or last.pt, or a file saved with "
+                f"torch.save({{'model': model.state_dict()}}, path)")
+    if kind == DAMAGED:
+        return (f"{what} file {path} ({path.stat().st_size} bytes) is truncated or corrupted: "
+                f"{detail}. It cannot be repaired; use another copy (for a run: checkpoints/best.pt, or re-run "
+                f"without --resume), or copy or download it again")
+    return (f"{what} file {path} holds pickled objects that would run code when loaded: {detail}. It was refused "
+            f"by torch.load(weights_only=True) and nothing in it ran. If you trust where it came from, load it once "
+            f"in Python with "
+            f"torch.load(path, weights_only=False) and re-save only tensors and plain data, e.g. "
+            f"torch.save({{'model': model.state_dict()}}, 'clean.pt')")
 
 
 def rng_state() -> dict[str, Any]:

@@ -4,7 +4,8 @@
 a letkd checkpoint (``{'model': state_dict, 'config': ..., ...}``), or a plain state_dict,
 strips DDP's ``module.`` (and ``torch.compile``'s ``_orig_mod.``) prefixes, and loads with
 ``strict=True`` after a check whose error names what differs. Files are read with
-``torch.load(weights_only=True)`` only: a file holding pickled objects is refused.
+``torch.load(weights_only=True)`` only: a file holding pickled objects is refused, and a file torch
+cannot read is diagnosed from its bytes (not torch / damaged / would run code, :mod:`letkd.engine.torchfile`).
 
 :func:`fingerprint` is a stable hash of a state_dict, tying cached teacher targets to the
 exact teacher weights they were computed from.
@@ -12,7 +13,6 @@ exact teacher weights they were computed from.
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,35 +36,12 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():  # e.g. "invalid load key": not a torch file at all
-            raise ValueError(f"weights file {path} ({path.stat().st_size} bytes) is truncated or corrupted, or not a "
-                             f"torch checkpoint (UnpicklingError: {_first_line(e)})") from None
-        raise ValueError(
-            f"{path} contains pickled Python objects (not only tensors and plain data), so it cannot "
-            f"be loaded safely with torch.load(weights_only=True); it was refused and nothing in it ran. "
-            f"If you trust the file, re-save just its tensors: "
-            f"torch.save({{'model': model.state_dict()}}, 'clean.pt').{_offender(e)}"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - RuntimeError (zip), EOFError, KeyError (garbage), OSError, ...
-        raise ValueError(f"weights file {path} ({path.stat().st_size} bytes) is truncated or corrupted, or not a "
-                         f"torch checkpoint, and cannot be read ({type(e).__name__}: {_first_line(e)}); "
-                         f"use another copy of it") from None
+    except Exception as e:  # noqa: BLE001 - told apart from the bytes (never unpickled): not torch / damaged / code
+        from letkd.engine.checkpoint import unreadable_message
+        from letkd.engine.torchfile import diagnose
+
+        raise ValueError(unreadable_message(path, "weights", *diagnose(path, e))) from None
     return extract_state_dict(obj, where=str(path))
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    picked = [line for line in lines if "Unsupported" in line] or lines
-    return picked[0].strip().split(". ")[0][:300] if picked else "no detail"
-
-
-def _offender(err: Exception) -> str:
-    """The 'Unsupported global: ...' line of torch's weights_only error, if there is one."""
-    for line in str(err).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return " Refused: " + line.split(". Please")[0].strip().lstrip("(0123456789) ").strip() + "."
-    return ""
 
 
 def extract_state_dict(obj: Any, where: str = "object") -> dict[str, torch.Tensor]:
