@@ -122,3 +122,19 @@ def test_rng_state_roundtrip(tmp_path):
     set_rng_state(load_file(tmp_path / "r.pt")["rng"])
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+def test_letkd_evaluate_names_each_case(tmp_path):
+    """What the user of `letkd evaluate` reads for each kind of bad file (exit code 2, no traceback)."""
+    from conftest import letkd_inproc
+
+    good = tmp_path / "good.pt"
+    save_atomic({"model": {"w": torch.randn(50, 50)}}, good)
+    (tmp_path / "notes.pt").write_text("not a checkpoint, a text file renamed .pt\n")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:300])
+    torch.save({"model": _Evil(str(tmp_path / "executed"))}, tmp_path / "evil.pt")
+    for name, says in (("notes.pt", "is not a PyTorch file"), ("cut.pt", "is truncated or corrupted"),
+                       ("evil.pt", "would run code")):
+        rc, _, err = letkd_inproc("evaluate", tmp_path / name, check=False)
+        assert rc == 2 and err.startswith("letkd: error: checkpoint file") and says in err, (name, err)
+    assert not (tmp_path / "executed").exists()
