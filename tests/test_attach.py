@@ -1,13 +1,12 @@
 """Attaching KD layers to a student (METHOD §2): forward, state_dict, order, reload, ONNX export."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from letkd.export import to_onnx
 from letkd.models.attach import KDLayerSpec, attach_kd_layers
 
 
@@ -79,17 +78,15 @@ def test_rebuild_and_load_gives_identical_outputs() -> None:
     torch.testing.assert_close(m(x), m2(x), rtol=0, atol=0)
 
 
-def test_onnx_export_matches_onnxruntime() -> None:
+def test_onnx_export_matches_onnxruntime(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     m, _ = _attached(0)
     m.train()
     m(torch.randn(4, 3, 16, 16))
     m.eval()
     x = torch.randn(2, 3, 16, 16)
-    buf = io.BytesIO()
-    torch.onnx.export(m, (x,), buf, input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}}, dynamo=False)
-    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    path = to_onnx(m, x, tmp_path / "m.onnx")  # letkd export's path: the torch.export-based exporter
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x2 = torch.randn(3, 3, 16, 16)
     got = sess.run(None, {"images": x2.numpy()})[0]
     with torch.no_grad():

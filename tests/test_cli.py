@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TINY, letkd, needs_fmnist
+from conftest import ROOT, TINY, letkd, letkd_inproc, needs_fmnist
 from letkd.engine.checkpoint import load_file
 
 pytestmark = needs_fmnist
@@ -92,8 +92,9 @@ def test_export_onnx_plain_student(tmp_path):
     run = tmp_path / "t"
     letkd("train-teacher", CFG, *TINY, "train.epochs=1", f"run.dir={run}")
     out = tmp_path / "m.onnx"
-    rep = json.loads(letkd("export", run / "checkpoints" / "best.pt", "--format", "onnx", "-o", out).stdout)
-    assert out.exists() and rep["max_abs_diff"] < 1e-4
+    _, stdout, _ = letkd_inproc("export", run / "checkpoints" / "best.pt", "--format", "onnx", "-o", out)
+    rep = json.loads(stdout)
+    assert out.exists() and rep["max_abs_diff"] < 1e-4 and rep["input_shape"][0] == "batch"
 
 
 def test_cli_listing():

@@ -1,7 +1,6 @@
 """letkd2 / letkd1 / quest distillers (METHOD §2-3) on toy networks."""
 from __future__ import annotations
 
-import io
 import shutil
 import sysconfig
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from letkd import methods
+from letkd.export import to_onnx
 from letkd.methods.base import Context
 from letkd.methods.letkd import LetKD, ensure_targets, template_kl_loss, targets_path_for
 from letkd.targets import load_targets
@@ -182,11 +182,9 @@ def test_deployable_student_onnx(tmp_path) -> None:
     student.train()
     student(torch.randn(4, 3, 16, 16))
     student.eval()
-    buf = io.BytesIO()
-    torch.onnx.export(student, (torch.randn(1, 3, 16, 16),), buf, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    path = to_onnx(student, torch.randn(2, 3, 16, 16), tmp_path / "s.onnx")  # letkd export's exporter
     x = torch.randn(3, 3, 16, 16)
-    got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, student(x).numpy(), atol=1e-4, rtol=0)
 
