@@ -6,7 +6,8 @@
     letkd evaluate CHECKPOINT [key=value ...]
     letkd export CHECKPOINT --format onnx [--output FILE]
     letkd report RUN_OR_SWEEP_DIR [--out DIR] [--images N]
-    letkd models | methods | taps MODEL
+    letkd models [PATTERN] [--all] | methods | taps MODEL
+    (commands that build models take --import MODULE: your own code registering models)
 """
 from __future__ import annotations
 
@@ -167,7 +168,12 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_list(args) -> int:
-    if args.command == "models":
+    if args.command == "models" and (args.all or args.pattern):
+        from letkd import models
+        from letkd.models.catalog import list_names
+
+        print("\n".join(list_names(args.pattern, registry=models.names())))
+    elif args.command == "models":
         from letkd import models
         from letkd.models.shipped import SHIPPED
 
@@ -182,13 +188,21 @@ def cmd_list(args) -> int:
         print("\n".join(methods.names()))
     else:
         from letkd import models
-        from letkd.models.taps import feature_shapes
+        from letkd.models.autotaps import AUTO_TAPS, TapResolutionError
+        from letkd.models.taps import feature_shapes, resolve
 
-        m = models.create(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
-        table = models.TAPS.get(args.model, {})
-        shapes = feature_shapes(m, table, (args.in_channels, args.size, args.size)) if table else {}
+        shape = (args.in_channels, args.size, args.size)
+        m = models.create(args.model, num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.size)
+        table, auto = dict(m.letkd_taps), [t for t in AUTO_TAPS if t not in m.letkd_taps]
+        for t in auto:
+            try:
+                table[t] = resolve(m, t, args.model, shape)
+            except TapResolutionError as e:
+                print(f"letkd: {e}", file=sys.stderr)
+        shapes = feature_shapes(m, table, shape) if table else {}
         for name, path in table.items():
-            print(f"{name:24s} {path:28s} {tuple(shapes.get(name, ()))}")
+            note = "  (auto: no hand-written table)" if name in auto else ""
+            print(f"{name:24s} {path:28s} {tuple(shapes.get(name, ()))}{note}")
         if args.all:
             print("\nall module paths:")
             for n, mod in m.named_modules():
@@ -276,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--in-channels", type=int, default=3)
     s.add_argument("--size", type=int, default=32)
     s.set_defaults(func=cmd_list)
+    s = sub.choices["models"]
+    s.add_argument("pattern", nargs="?", default=None,
+                   help="shell pattern over every name, e.g. 'timm:convnext*' (timm tags: 'timm:resnet50.*')")
+    s.add_argument("--all", action="store_true", help="also every torchvision:<name> and timm:<name> model")
+    for name, s in sub.choices.items():
+        if name not in ("methods", "quickstart"):
+            s.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                           help="import MODULE (your own code: a module path or a .py file) before running; "
+                                "it registers models with letkd.models.register. Repeatable")
     return p
 
 
@@ -283,6 +306,14 @@ def _version() -> str:
     from letkd import __version__
 
     return f"letkd {__version__}"
+
+
+def _import_user_modules(args) -> None:
+    """``--import MODULE``: the user's own code, named on the command line (never by a config)."""
+    if getattr(args, "imports", None):
+        from letkd.models.user import import_modules
+
+        import_modules(args.imports)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     if os.environ.get("LETKD_DEBUG"):
+        _import_user_modules(args)
         return args.func(args)
     try:
+        _import_user_modules(args)
         return args.func(args)
     except (ConfigError, CheckpointError, RunDirError, NonFiniteLoss, FileNotFoundError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

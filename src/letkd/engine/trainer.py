@@ -109,14 +109,16 @@ def _build_teacher(cfg: Config, info: dict[str, Any]) -> tuple[nn.Module | None,
     from letkd.models.weights import fingerprint, load_weights
 
     kw = {"pretrained": cfg.teacher.pretrained} if cfg.teacher.pretrained else {}
-    teacher = models.create(cfg.teacher.name, num_classes=info["num_classes"], in_channels=info["in_channels"], **kw)
+    teacher = models.create(cfg.teacher.name, num_classes=info["num_classes"], in_channels=info["in_channels"],
+                            image_size=tuple(info["image_size"]), **kw)
     if cfg.teacher.checkpoint:
         load_weights(teacher, cfg.teacher.checkpoint, arch=cfg.teacher.name)
     elif not cfg.teacher.pretrained:
         raise ConfigError(
             f"teacher.name={cfg.teacher.name!r} has no weights: set teacher.checkpoint to a checkpoint file "
             f"(e.g. one written by `letkd train-teacher`, or a RepDistiller {{'model': state_dict}} file) "
-            f"or teacher.pretrained to a torchvision weights enum")
+            f"or teacher.pretrained to the library's published weights (torchvision:/timm: names: 'default' or "
+            f"the path of the published file; torchvision names: a weights enum)")
     return teacher, fingerprint(teacher.state_dict())
 
 
@@ -149,7 +151,8 @@ def build_distiller(cfg: Config, info: dict[str, Any], device: torch.device, din
     """
     torch.manual_seed(cfg.train.seed)
     kw = {"pretrained": cfg.model.pretrained} if cfg.model.pretrained else {}
-    student = models.create(cfg.model.name, num_classes=info["num_classes"], in_channels=info["in_channels"], **kw)
+    student = models.create(cfg.model.name, num_classes=info["num_classes"], in_channels=info["in_channels"],
+                            image_size=tuple(info["image_size"]), **kw)
     if cfg.model.checkpoint:
         from letkd.models.weights import load_weights
 
@@ -158,7 +161,8 @@ def build_distiller(cfg: Config, info: dict[str, Any], device: torch.device, din
     if with_teacher_weights:
         teacher, fp = _build_teacher(cfg, info)
     else:
-        teacher = models.create(cfg.teacher.name, num_classes=info["num_classes"], in_channels=info["in_channels"]) \
+        teacher = models.create(cfg.teacher.name, num_classes=info["num_classes"], in_channels=info["in_channels"],
+                                image_size=tuple(info["image_size"])) \
             if cfg.teacher.name else None
         fp = ""
     ctx = methods.Context(num_classes=info["num_classes"], in_channels=info["in_channels"],
@@ -192,6 +196,7 @@ def rebuild_deployable(ckpt: dict[str, Any], device: torch.device | str = "cpu")
     cfg = cfgmod.from_dict(ckpt["config"])
     info = ckpt["data_info"]
     cfg.train.channels_last = False
+    cfg.model.pretrained = cfg.model.checkpoint = ""  # the checkpoint holds the weights: no download, no file
     distiller, _, _ = build_distiller(cfg, info, torch.device(device), dist.DistInfo(), with_teacher_weights=False)
     model = distiller.deployable()
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)

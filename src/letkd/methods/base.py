@@ -62,6 +62,9 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher
         self.ctx = ctx
+        for m in (student, teacher):  # where taps without a table are resolved (models.autotaps)
+            if m is not None and getattr(m, "letkd_input_shape", None) is None:
+                m.letkd_input_shape = ctx.input_shape
         self._s_cap = None
         self._t_cap = None
         if teacher is not None:

@@ -9,11 +9,13 @@ Users add models with ``register(name, builder, taps={...})``.
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
+from letkd.models import catalog as _catalog
 from letkd.models.cifar import ZOO as _CIFAR_ZOO
 from letkd.models.imagenet import TAPS as _IMAGENET_TAPS
 from letkd.models.weights import fingerprint, load_weights
@@ -38,10 +40,13 @@ class UnknownModelError(KeyError, ValueError):
 
 
 def register(name: str, fn: Builder, taps: dict[str, str] | None = None, overwrite: bool = False) -> None:
-    """Add a model: ``fn(num_classes=..., in_channels=..., **kw)`` must return an ``nn.Module``.
+    """Add a model: ``fn(num_classes=..., in_channels=..., **kw)`` must return an ``nn.Module``
+    (a builder with an ``image_size`` parameter also gets the input size (H, W) of the run).
 
-    ``taps`` maps tap names (at least ``penultimate``, and ``last_stage_first_block`` for
-    letKD-2) to module paths of the built model.
+    ``taps`` maps tap names (``penultimate``, and ``last_stage_first_block`` for letKD-2) to
+    module paths of the built model; names left out are resolved automatically
+    (:mod:`letkd.models.autotaps`). From the command line: put the ``register`` calls in a
+    module of yours and pass ``--import MODULE`` to ``letkd``.
     """
     if not overwrite and name in REGISTRY:
         raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
@@ -62,18 +67,30 @@ def is_cifar(name: str) -> bool:
 
 
 def create(name: str, num_classes: int = 100, in_channels: int = 3, pretrained: str | None = None,
-           checkpoint: str | Path | None = None, **kw: Any) -> nn.Module:
+           checkpoint: str | Path | None = None, image_size: tuple[int, int] | int | None = None,
+           **kw: Any) -> nn.Module:
     """Build model ``name``.
 
     ``pretrained``: a torchvision weights enum name (ImageNet models only), e.g.
     ``"ResNet34_Weights.IMAGENET1K_V1"``. ``checkpoint``: a weights file loaded with
     :func:`load_weights` (RepDistiller, letkd or plain state_dict). The model carries its tap
     table as ``model.letkd_taps`` and its name as ``model.letkd_arch``.
+
+    ``torchvision:<name>`` / ``timm:<name>`` build any model of those catalogues
+    (:mod:`letkd.models.catalog`; ``pretrained``: ``"default"``, an enum name or a local file);
+    ``image_size`` (H, W) reaches the models that depend on it (vision transformers).
     """
+    if _catalog.is_catalogue(name):
+        model = _catalog.build(name, num_classes, in_channels, pretrained or None, image_size, **kw)
+        if checkpoint:
+            load_weights(model, checkpoint, arch=name)
+        return _label(model, name, _catalog.taps(name), in_channels, image_size)
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnknownModelError(f"unknown model {name!r}.{hint} Valid names: {', '.join(REGISTRY)}")
+        raise UnknownModelError(f"unknown model {name!r}.{hint} Valid names: {', '.join(REGISTRY)}, or "
+                                f"torchvision:<name> / timm:<name> (`letkd models --all`). A model of your own: "
+                                f"register it in a module of yours and pass --import MODULE to letkd")
     if num_classes < 1 or in_channels < 1:
         raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
     if pretrained:
@@ -81,11 +98,22 @@ def create(name: str, num_classes: int = 100, in_channels: int = 3, pretrained: 
             raise ValueError(f"pretrained={pretrained!r}: torchvision weights exist only for the ImageNet "
                              f"models ({', '.join(_IMAGENET_TAPS)}); for {name!r} give a checkpoint file")
         kw["pretrained"] = pretrained
+    if image_size is not None and "image_size" in inspect.signature(REGISTRY[name]).parameters:
+        kw["image_size"] = image_size
     model = REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kw)
     if checkpoint:
         load_weights(model, checkpoint, arch=name)
-    model.letkd_taps = dict(TAPS.get(name, {}))
+    return _label(model, name, TAPS.get(name, {}), in_channels, image_size)
+
+
+def _label(model: nn.Module, name: str, taps: dict[str, str], in_channels: int,
+           image_size: tuple[int, int] | int | None) -> nn.Module:
+    """Attach the name, the tap table and (when known) the input shape used to resolve taps."""
+    model.letkd_taps = dict(taps)
     model.letkd_arch = name
+    if image_size is not None:
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        model.letkd_input_shape = (in_channels, *hw)
     return model
 
 

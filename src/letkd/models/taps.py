@@ -11,7 +11,10 @@ That is why unmodified torchvision or user models work with every method.
 * :func:`resolve` turns a tap name (``penultimate``, ``last_stage_first_block``,
   ``stage1`` ...) or a raw module path into a module path for a given architecture.
 
-The per-architecture tables live in :mod:`letkd.models` (``TAPS``) next to the zoo.
+The per-architecture tables live in :mod:`letkd.models` (``TAPS``) next to the zoo; models
+without one get ``penultimate`` / ``last_stage_first_block`` from :mod:`letkd.models.autotaps`.
+Vision transformers' token outputs (B×N×C) are seen as B×C×h×w maps of their patch tokens by
+:func:`capture` and :func:`insert_after` (:mod:`letkd.models.tokens`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from letkd.models.tokens import as_map, layout_of, map_apply
 
 __all__ = [
     "get_module",
@@ -47,12 +52,16 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
-def resolve(model: nn.Module, tap: str, arch: str | None = None) -> str:
+def resolve(model: nn.Module, tap: str, arch: str | None = None,
+            input_shape: tuple[int, ...] | None = None) -> str:
     """Map a tap name to a module path.
 
     ``tap`` is either a named tap of the architecture ``arch`` (see ``letkd.models.TAPS``),
     or a module path of ``model``. A model may also carry its own table in the attribute
-    ``letkd_taps`` (a ``dict`` name -> path), which takes precedence.
+    ``letkd_taps`` (a ``dict`` name -> path), which takes precedence. ``penultimate`` and
+    ``last_stage_first_block`` missing from the table are resolved automatically with a dry
+    forward at ``input_shape`` (C, H, W; default ``model.letkd_input_shape``) and remembered in
+    ``model.letkd_taps`` (:func:`letkd.models.autotaps.auto_taps`).
     """
     table = dict(getattr(model, "letkd_taps", {}) or {})
     if not table and arch is not None:
@@ -61,8 +70,28 @@ def resolve(model: nn.Module, tap: str, arch: str | None = None) -> str:
         table = dict(TAPS.get(arch, {}))
     if tap in table:
         return table[tap]
+    from letkd.models.autotaps import AUTO_TAPS, resolve_auto
+
+    if tap in AUTO_TAPS and not _is_path(model, tap):
+        shape = input_shape or getattr(model, "letkd_input_shape", None)
+        if shape is None:
+            raise ValueError(f"tap {tap!r} of {arch or type(model).__name__}: no tap table, and no input shape to "
+                             f"resolve it with; pass input_shape=(C, H, W) or name a module path")
+        found, errors = resolve_auto(model, tuple(shape), arch)
+        if tap in errors:
+            raise errors[tap]
+        model.letkd_taps = {**found, **table}
+        return found[tap]
     get_module(model, tap)  # raises a clear KeyError naming the valid paths
     return tap
+
+
+def _is_path(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 class Capture:
@@ -90,14 +119,16 @@ def attach_capture(model: nn.Module, paths: dict[str, str]) -> Capture:
     """Register persistent forward hooks storing ``{name: output of module at path}``.
 
     The hooks stay until ``Capture.remove()``. Outputs are stored as-is (with autograd history),
-    so losses on student features back-propagate.
+    so losses on student features back-propagate; token sequences of a vision transformer are
+    stored as the B×C×h×w map of their patch tokens (a view, :mod:`letkd.models.tokens`).
     """
     cap = Capture()
+    layout = layout_of(model)
     for name, path in paths.items():
         module = get_module(model, path)
 
         def hook(_m: nn.Module, _inp, out, _name: str = name) -> None:
-            cap.features[_name] = out
+            cap.features[_name] = as_map(out, layout)
 
         cap._handles.append(module.register_forward_hook(hook))
     return cap
@@ -122,7 +153,9 @@ def insert_after(model: nn.Module, path: str, module: nn.Module, name: str,
     part of ``state_dict`` / ``parameters`` / ``eval()`` / ONNX export of ``model`` alone.
     ``apply(module, output)`` returns the replacement output (default: ``module(output)``; a
     tuple result's first element is used). Several modules inserted after the same path run
-    in insertion order. Returns ``model``.
+    in insertion order. A token sequence of a vision transformer passes as the B×C×h×w map of
+    its patch tokens and the result is written back into the sequence, prefix (class, register,
+    distillation) tokens unchanged (:mod:`letkd.models.tokens`). Returns ``model``.
     """
     target = get_module(model, path)
     if not hasattr(model, container):
@@ -134,11 +167,14 @@ def insert_after(model: nn.Module, path: str, module: nn.Module, name: str,
         raise ValueError(f"a module named {name!r} is already inserted in model.{container}")
     holder[name] = module
 
-    def hook(_m: nn.Module, _inp, out):
-        if apply is not None:
-            return apply(module, out)
-        res = module(out)
+    def plain(mod: nn.Module, out):
+        res = mod(out)
         return res[0] if isinstance(res, tuple) else res
+
+    run = map_apply(layout_of(model), apply or plain)
+
+    def hook(_m: nn.Module, _inp, out):
+        return run(module, out)
 
     target.register_forward_hook(hook)
     return model
