@@ -236,10 +236,11 @@ def resolve_auto(model: nn.Module, input_shape: tuple[int, ...],
             target, before = last.out, last.end + 1
         if layout is not None and layout.is_tokens(target):
             trunk = [c for c in calls if c.end < before and layout.is_tokens(c.out) and not _inside(c.path, blocks)]
-            target = None
+            target, tried = None, set()
             for c in sorted(trunk, key=lambda c: -c.end):
-                if target is not None and c.out is target:
+                if id(c.out) in tried:  # the same tensor as a module already tried (a container's output)
                     continue
+                tried.add(id(c.out))
                 if _patches_matter(model, c.path, x, probe, layout):
                     target = c.out
                     break
