@@ -86,6 +86,18 @@ def test_pretrained_from_a_local_file(tmp_path):
     assert catalog._torchvision_weights_name("resnet50", "IMAGENET1K_V2") == "ResNet50_Weights.IMAGENET1K_V2"
 
 
+def test_teacher_with_a_new_classifier_is_refused(tmp_path):
+    file = tmp_path / "published.pth"
+    torch.save(M.create("timm:mobilenetv3_small_050", num_classes=1000).state_dict(), file)
+    tr, te = write_image_folder(tmp_path / "data")
+    cfg = write_config(tmp_path / "c.yaml", tr, te, "resnet8", "timm:mobilenetv3_small_050", "kd",
+                       teacher_keys={"pretrained": str(file)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc, _, err = letkd_inproc("distill", cfg, f"run.dir={tmp_path / 'run'}", check=False)
+    assert rc == 2 and "classifier would be untrained (3 classes here)" in err and "teacher.checkpoint" in err
+
+
 def test_pretrained_without_internet_says_what_to_do(monkeypatch):
     timm = catalog.require_timm()
 

@@ -113,6 +113,12 @@ def _build_teacher(cfg: Config, info: dict[str, Any]) -> tuple[nn.Module | None,
                             image_size=tuple(info["image_size"]), **kw)
     if cfg.teacher.checkpoint:
         load_weights(teacher, cfg.teacher.checkpoint, arch=cfg.teacher.name)
+    elif getattr(teacher, "letkd_new_head", False):
+        raise ConfigError(
+            f"teacher.pretrained={cfg.teacher.pretrained!r}: the published weights of {cfg.teacher.name} are for another "
+            f"number of classes, so its classifier would be untrained ({info['num_classes']} classes here). Fine-tune "
+            f"it first (`letkd train-teacher` with model.name={cfg.teacher.name} model.pretrained="
+            f"{cfg.teacher.pretrained}) and set teacher.checkpoint to that run's checkpoints/best.pt")
     elif not cfg.teacher.pretrained:
         raise ConfigError(
             f"teacher.name={cfg.teacher.name!r} has no weights: set teacher.checkpoint to a checkpoint file "

@@ -212,6 +212,7 @@ def _build_timm(name: str, inner: str, num_classes: int, in_channels: int, pretr
                            f"{str(e).splitlines()[0] if str(e) else ''}. Without internet, copy the published file "
                            f"to this machine and set pretrained to its path.") from e
     if pretrained and cfg is not None and cfg.num_classes and cfg.num_classes != num_classes:
+        model.letkd_new_head = True  # a teacher cannot be used as is (letkd.engine.trainer refuses it)
         warnings.warn(f"{name}: the published weights have {cfg.num_classes} classes; the classifier is newly "
                       f"initialised for num_classes={num_classes} (fine-tune it before using the model as a teacher)",
                       stacklevel=3)
