@@ -79,7 +79,7 @@ class RandomData:
 
 
 @pytest.mark.parametrize("method,params", [
-    ("letkd2", {"k_penult": 8, "k_sub": 2}),
+    ("letkd2", {"k_penult": 8, "k_sub": 2, "teacher_inter_tap": "blocks.2"}),  # a module path overrides
     ("kd", {}),
     ("fitnet", {"tap": "blocks.0", "teacher_tap": "blocks.1"}),
 ])
@@ -94,7 +94,7 @@ def test_methods_on_vit_pair(method, params, tmp_path):
     if method == "letkd2":
         # tiny DeiT (class pooling, 2 blocks): both layers on blocks.0, inter first (METHOD §2)
         assert d.s_paths == {"inter": "blocks.0", "penult": "blocks.0"}
-        assert d.t_paths == {"inter": "blocks.0", "penult": "blocks.1"} and d.t_channels["penult"] == 64
+        assert d.t_paths == {"inter": "blocks.2", "penult": "blocks.1"} and d.t_channels["penult"] == 64
     logits, losses = d.forward_train(torch.randn(8, 3, 32, 32), torch.arange(8) % 4)
     assert logits.shape == (8, 4) and all(torch.isfinite(v) for v in losses.values())
     assert set(losses) == {"letkd2": {"ce", "penult", "inter"}, "kd": {"ce", "kd"}, "fitnet": {"ce", "feat"}}[method]
