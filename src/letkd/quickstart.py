@@ -1,14 +1,14 @@
 """``letkd quickstart``: the main job on the embedded default data (Fashion-MNIST).
 
-Trains (or reuses) a resnet20 teacher, fits its letKD targets, distils a resnet8 student with
-vanilla, KD, DKD and letKD-2 on the same schedule, evaluates each student WITHOUT the teacher
+Takes the shipped resnet20 teacher (``fashion_mnist/resnet20``, trained once on all 60k images
+with a long schedule; :mod:`letkd.models.shipped`) or a teacher checkpoint you give, fits its
+letKD targets, distils a resnet8 student with vanilla, KD, DKD and letKD-2 on the same schedule, evaluates each student WITHOUT the teacher
 (rebuilt from its checkpoint, KD layers included) and prints a comparison table. Everything is
 written under ``--out`` as an ordinary sweep (``sweep.yaml`` + one config per run), so
 re-running continues / skips what is done, and ``letkd report OUT`` draws it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,9 +16,12 @@ from typing import Any
 
 import yaml
 
+from letkd.models.shipped import resolve_weights_source
+
 __all__ = ["quickstart"]
 
 STUDENT_METHODS = ("vanilla", "kd", "dkd", "letkd2")
+DEFAULT_TEACHER = "fashion_mnist/resnet20"
 
 
 def _recipe(train_subset: int, epochs: int, precision: str, test_subset: int = 0) -> dict[str, Any]:
@@ -37,26 +40,28 @@ def _write_yaml(path: Path, doc: dict[str, Any]) -> None:
 
 
 def quickstart(out: str | Path = "runs/quickstart", train_subset: int = 12000, epochs: int = 3,
-               teacher_epochs: int | None = None, seeds: tuple[int, ...] = (0,), precision: str = "auto",
+               teacher: str = DEFAULT_TEACHER, seeds: tuple[int, ...] = (0,), precision: str = "auto",
                data_root: str = "data", test_subset: int = 0) -> list[dict[str, Any]]:
-    """Run the quickstart and return the table rows (also printed and written to ``out``)."""
+    """Run the quickstart and return the table rows (also printed and written to ``out``).
+
+    ``teacher``: shipped weights of a resnet20 (``fashion_mnist/resnet20``) or a resnet20
+    checkpoint file (e.g. ``runs/.../checkpoints/best.pt`` of ``letkd train-teacher``)."""
     import torch
 
     from letkd.engine.checkpoint import load_file
     from letkd.engine.trainer import evaluate, rebuild_deployable, resolve_precision
+    from letkd import models
     from letkd.sweep import mean_std, run_sweep
 
     t0 = time.time()
     out = Path(out)
     recipe = _recipe(train_subset, epochs, precision, test_subset)
     recipe["data"]["root"] = data_root
-    teacher_cfg = {**recipe, "model": {"name": "resnet20"}, "method": {"name": "vanilla"}}
-    if teacher_epochs:
-        teacher_cfg["train"] = {**recipe["train"], "epochs": teacher_epochs}
-    # the teacher is reused when its resolved recipe is the same: its folder is named by a hash of it
-    digest = hashlib.sha256(json.dumps(teacher_cfg, sort_keys=True).encode()).hexdigest()[:10]
-    _write_yaml(out / "configs" / "teacher.yaml", teacher_cfg)
-    pair = {**recipe, "model": {"name": "resnet8"}, "teacher": {"name": "resnet20"}}
+    teacher_file = resolve_weights_source(teacher)   # a shipped name is checked (sha256) here
+    if not teacher_file.is_file():
+        raise FileNotFoundError(f"quickstart: teacher checkpoint {teacher!r} does not exist; give a resnet20 "
+                                f"checkpoint file or shipped weights ({DEFAULT_TEACHER})")
+    pair = {**recipe, "model": {"name": "resnet8"}, "teacher": {"name": "resnet20", "checkpoint": str(teacher)}}
     methods = {
         "vanilla": {"name": "vanilla"},
         "kd": {"name": "kd"},
@@ -67,18 +72,15 @@ def quickstart(out: str | Path = "runs/quickstart", train_subset: int = 12000, e
                    "max_samples": 300000,
                    "targets_dir": str(out / "targets")},
     }
-    teacher_label = f"teacher-{digest}"
     runs = []
     for name in STUDENT_METHODS:
         cfg = {k: v for k, v in pair.items() if not (name == "vanilla" and k == "teacher")}
         _write_yaml(out / "configs" / f"{name}.yaml", {**cfg, "method": methods[name]})
-        runs.append({"label": name, "config": f"configs/{name}.yaml",
-                     "overrides": [] if name == "vanilla" else [f"teacher.checkpoint={{pre:{teacher_label}}}"]})
-    _write_yaml(out / "sweep.yaml", {"out": str(out), "seeds": list(seeds),
-                                     "pre": [{"label": teacher_label, "config": "configs/teacher.yaml"}],
-                                     "runs": runs})
+        runs.append({"label": name, "config": f"configs/{name}.yaml"})
+    _write_yaml(out / "sweep.yaml", {"out": str(out), "seeds": list(seeds), "runs": runs})
     print(f"letkd quickstart: Fashion-MNIST ({train_subset or 60000} training images, {epochs} epochs), "
-          f"teacher resnet20 -> student resnet8 with {', '.join(STUDENT_METHODS)}; writing to {out}")
+          f"teacher resnet20 ({teacher}, not trained here) -> student resnet8 with {', '.join(STUDENT_METHODS)}; "
+          f"writing to {out}")
     run_sweep(out / "sweep.yaml")
 
     # evaluate every student from its checkpoint alone (no teacher), as a user would deploy it
@@ -87,7 +89,6 @@ def quickstart(out: str | Path = "runs/quickstart", train_subset: int = 12000, e
 
     rows = []
     test = None
-    teacher_summary = json.loads((out / teacher_label / "summary.json").read_text())
     for name in STUDENT_METHODS:
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
@@ -99,8 +100,11 @@ def quickstart(out: str | Path = "runs/quickstart", train_subset: int = 12000, e
             rows.append({"method": name, "seed": seed, "acc_without_teacher": ev["acc"], "best_acc": s["best_acc"],
                          "last_acc": s["last_acc"], "params": sum(p.numel() for p in model.parameters()),
                          "params_extra": s["params_extra"], "images_per_second": s["images_per_second"]})
-    lines = [f"teacher resnet20: {teacher_summary['last_acc']:.2f} % "
-             f"({teacher_summary['params_student']:,} parameters)", "",
+    t_model = models.create("resnet20", num_classes=10, in_channels=1, checkpoint=teacher).to(device)
+    t_acc = evaluate(t_model, test.test_batches(), device, resolve_precision(precision, device))["acc"]
+    t_params = sum(p.numel() for p in t_model.parameters())
+    lines = [f"teacher resnet20 ({teacher}; not trained by this run): {t_acc:.2f} % on this test set "
+             f"({t_params:,} parameters)", "",
              "| method | seed | test acc, student alone (%) | best epoch acc (%) | parameters | extra | train img/s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

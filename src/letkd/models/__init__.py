@@ -16,6 +16,7 @@ from typing import Any, Callable
 from torch import nn
 
 from letkd.models import catalog as _catalog
+from letkd.models import shipped as _shipped
 from letkd.models.cifar import ZOO as _CIFAR_ZOO
 from letkd.models.imagenet import TAPS as _IMAGENET_TAPS
 from letkd.models.weights import fingerprint, load_weights
@@ -66,20 +67,33 @@ def is_cifar(name: str) -> bool:
     return name in _CIFAR_NAMES
 
 
-def create(name: str, num_classes: int = 100, in_channels: int = 3, pretrained: str | None = None,
-           checkpoint: str | Path | None = None, image_size: tuple[int, int] | int | None = None,
-           **kw: Any) -> nn.Module:
+def create(name: str, num_classes: int | None = None, in_channels: int | None = None, pretrained: str | None = None,
+           checkpoint: str | Path | None = None, weights: str | None = None,
+           image_size: tuple[int, int] | int | None = None, **kw: Any) -> nn.Module:
     """Build model ``name``.
 
     ``pretrained``: a torchvision weights enum name (ImageNet models only), e.g.
     ``"ResNet34_Weights.IMAGENET1K_V1"``. ``checkpoint``: a weights file loaded with
-    :func:`load_weights` (RepDistiller, letkd or plain state_dict). The model carries its tap
-    table as ``model.letkd_taps`` and its name as ``model.letkd_arch``.
+    :func:`load_weights` (RepDistiller, letkd or plain state_dict), or the name of shipped
+    weights. ``weights``: the data set of weights shipped with letkd for this model
+    (``create("resnet20", weights="fashion_mnist")``; :mod:`letkd.models.shipped`), which also
+    sets the default ``num_classes`` / ``in_channels``. Defaults otherwise: 100 classes, 3
+    channels. The model carries its tap table as ``model.letkd_taps`` and its name as
+    ``model.letkd_arch``.
 
     ``torchvision:<name>`` / ``timm:<name>`` build any model of those catalogues
     (:mod:`letkd.models.catalog`; ``pretrained``: ``"default"``, an enum name or a local file);
     ``image_size`` (H, W) reaches the models that depend on it (vision transformers).
     """
+    if weights:
+        if checkpoint:
+            raise ValueError(f"create({name!r}): give weights= (shipped) or checkpoint= (a file), not both")
+        entry = _shipped.for_arch(name, weights)
+        num_classes = entry.num_classes if num_classes is None else num_classes
+        in_channels = entry.in_channels if in_channels is None else in_channels
+        checkpoint = entry.name
+    num_classes = 100 if num_classes is None else num_classes
+    in_channels = 3 if in_channels is None else in_channels
     if _catalog.is_catalogue(name):
         model = _catalog.build(name, num_classes, in_channels, pretrained or None, image_size, **kw)
         if checkpoint:

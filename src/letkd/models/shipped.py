@@ -41,7 +41,7 @@ class ShippedWeights:
 
 SHIPPED: dict[str, ShippedWeights] = {w.name: w for w in (
     ShippedWeights(arch="resnet20", dataset="fashion_mnist", file="fashion_mnist/resnet20.pt",
-                   sha256="__SHA256__", test_acc=float("nan"), num_classes=10, in_channels=1,
+                   sha256="9949390ccce96c78e5f0c1441c8c9ca85bbfbb92c187763cc3632e50123e0e93", test_acc=93.97, num_classes=10, in_channels=1,
                    record="benchmarks/results/teachers/fashion_mnist_resnet20.md"),
 )}
 
