@@ -198,9 +198,10 @@ def _can_compile_cpu() -> bool:
 @pytest.mark.skipif(not _can_compile_cpu(),
                     reason="torch.compile on CPU needs a C++ compiler and the Python headers (apt-get install g++ python3-dev)")
 def test_compile_hot_paths_matches_eager(tmp_path) -> None:
-    """train.compile=kd_layers: same losses and gradients as eager mode, state_dict keys unchanged."""
+    """train.compile=kd_layers (compiles the reference kernel): same losses and gradients as eager mode,
+    state_dict keys unchanged."""
     data = ToyData(tmp_path)
-    eager, comp = make(targets_dir=str(tmp_path)), make(targets_dir=str(tmp_path))
+    eager, comp = make(targets_dir=str(tmp_path), kernel="reference"), make(targets_dir=str(tmp_path), kernel="reference")
     eager.prepare(data, None)
     comp.prepare(data, None)
     keys = list(comp.state_dict())

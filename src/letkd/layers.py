@@ -7,10 +7,14 @@ through the taps (METHOD §2).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from letkd.fused_step import TileTargets, column_moments, fused_kd_step
 
 __all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "normalised_rows_matmul", "kd_layer_extra_params"]
 
@@ -126,6 +130,50 @@ class LocationBatchNorm2d(nn.BatchNorm2d):
         if input.dim() not in (2, 4):
             raise ValueError(f"expected (B·H·W)×C rows or a B×C×H×W map (got {input.dim()}-D input)")
 
+    @property
+    def uses_batch_stats(self) -> bool:
+        """Whether a forward normalises with the batch's statistics (as ``BatchNorm2d.forward``)."""
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def as_affine(self, batch_mean: torch.Tensor | None = None, batch_var: torch.Tensor | None = None,
+               count: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This BN as a per-column affine ``(μ, s, β)`` with ``BN(a) = (a − μ) ⊙ s + β``, ``s = γ/σ``.
+
+        With batch statistics (:attr:`uses_batch_stats`) pass the batch's column mean and biased
+        variance over ``count`` rows (differentiable; e.g. from
+        :func:`letkd.fused_step.column_moments`): the running statistics are updated exactly as
+        ``BatchNorm2d`` does (momentum, or the cumulative average when ``momentum`` is None;
+        running variance unbiased over ``count`` rows). Otherwise the running statistics are used
+        and the batch moments are not needed. Returned in fp32."""
+        if self.uses_batch_stats:
+            if batch_mean is None or batch_var is None:
+                raise ValueError("LocationBatchNorm2d.as_affine: batch statistics are in use; pass batch_mean and batch_var")
+            if count <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got {count} rows")
+            if self.training and self.track_running_stats and self.running_mean is not None:
+                self._update_running_stats(batch_mean.detach(), batch_var.detach(), count)
+            mean, var = batch_mean.float(), batch_var.float()
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
+        scale = torch.rsqrt(var + self.eps)
+        shift = torch.zeros_like(scale)
+        if self.affine:
+            scale = self.weight.float() * scale
+            shift = self.bias.float().expand_as(scale)
+        return mean, scale, shift
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """``running ← (1 − f)·running + f·batch`` with ``f`` = momentum (or 1/batches seen), the
+        variance unbiased (× count/(count − 1)), as ``BatchNorm2d``."""
+        f = 0.0 if self.momentum is None else float(self.momentum)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                f = 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1.0 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
+        self.running_var.mul_(1.0 - f).add_(var.to(self.running_var.dtype) * (count / (count - 1)), alpha=f)
+
 
 class KDLayer(nn.Module):
     """KD layer of METHOD §1: templates → BN-ReLU soft maximiser → value vectors → residual.
@@ -140,6 +188,13 @@ class KDLayer(nn.Module):
     ``forward(x)`` returns ``(x_hat, scores)`` with ``scores = a`` (B×K×H×W, pre-BN, not
     detached; a channels-last view of the (B·H·W)×K rows the layer computes in); the scores of the last call are also kept in ``self.last_scores`` for the loss
     (the layer runs inside the student's forward through a hook).
+
+    Training with the fused kernel (:mod:`letkd.fused_step`): inside ``with layer.fused_step(targets_for):``
+    a training-mode forward never forms the (B·H·W)×K scores; it computes ``x_hat`` and the
+    template loss (``KL(p^T ‖ softmax(a))``, mean over locations, when ``targets_for`` is given)
+    in one tiled pass, returns ``(x_hat, None)`` and keeps the loss in ``self.last_loss``
+    (``last_scores`` is None). Same values and gradients as the reference path above; eval mode,
+    tracing, ``torch.compile`` and a converted ``SyncBatchNorm`` always use the reference path.
     ``α`` is a plain float (not learnt). With ``α = 0`` (QuEST, ablations) the value branch is
     skipped and ``x_hat`` is ``x`` itself; ``bn`` and ``values`` then receive no gradient
     (:func:`letkd.models.attach.attach_kd_layers` freezes them so DDP does not see unused trainable parameters).
@@ -156,11 +211,37 @@ class KDLayer(nn.Module):
         self.bn = LocationBatchNorm2d(num_templates)
         self.values = CosineConv1x1(num_templates, channels, init_scale=1.0)
         self.last_scores: torch.Tensor | None = None
+        self.last_loss: torch.Tensor | None = None
+        self._fused: tuple[Callable[[tuple[int, int]], TileTargets] | None, int | None] | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @contextmanager
+    def fused_step(self, targets_for: Callable[[tuple[int, int]], TileTargets] | None = None,
+                   tile_rows: int | None = None) -> Iterator["KDLayer"]:
+        """Within the block, training-mode forwards take the fused kernel (class docstring).
+
+        ``targets_for((H, W))`` gives the :data:`letkd.fused_step.TileTargets` of the soft targets for
+        this layer's B·H·W locations (rows in :func:`letkd.targets.extract.to_rows` order); None:
+        no loss (an unsupervised layer). ``tile_rows``: rows per tile (None: about 2 MB per
+        K-wide fp32 tile, :func:`letkd.fused_step.default_tile_rows`)."""
+        if tile_rows is not None and int(tile_rows) < 1:
+            raise ValueError(f"KDLayer.fused_step: tile_rows must be >= 1 (or None), got {tile_rows}")
+        self._fused, self.last_loss = (targets_for, tile_rows), None
+        try:
+            yield self
+        finally:
+            self._fused = None
+
+    def _takes_fused_path(self) -> bool:
+        return (self._fused is not None and self.training and type(self.bn) is LocationBatchNorm2d
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.channels):
             raise ValueError(f"KDLayer({self.channels}, {self.num_templates}) expects B×{self.channels}×H×W, "
                              f"got shape {tuple(x.shape)}")
+        if self._takes_fused_path():
+            self.last_scores = None
+            return self._forward_fused(x, *self._fused), None
         # Every step works on locations as rows ((B·H·W)×C, image-major then row-major): the two
         # 1×1 convolutions become matrix products and the K-wide activations stay in rows, the
         # layout of the template loss, so no layout conversions of the large (B·H·W)×K tensors.
@@ -176,6 +257,29 @@ class KDLayer(nn.Module):
         v = normalised_rows_matmul(p, self.values._weight_rows(p.dtype), self.values.eps)
         v = v.view(B, H, W, C).permute(0, 3, 1, 2)
         return x + self.alpha * v, scores                            # step 4: residual
+
+    def _forward_fused(self, x: torch.Tensor, targets_for: Callable[[tuple[int, int]], TileTargets] | None,
+                       tile_rows: int | None) -> torch.Tensor:
+        """Steps 1-4 and the template loss through :func:`letkd.fused_step.fused_kd_step`: the
+        normalisations, scales, BN statistics (:func:`column_moments`, running-statistics update)
+        and the residual are autograd code here; the N×K work is tiled inside."""
+        B, C, H, W = x.shape
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rows = x.permute(0, 2, 3, 1).reshape(-1, C)
+        xn = F.normalize(rows, p=2.0, dim=1, eps=self.templates.eps).to(dtype)      # Xn = X / ‖X‖
+        w = self.templates._weight_rows(dtype)                                        # W = s1 · ŵ
+        targets = targets_for((H, W)) if targets_for is not None else None
+        bn = v = None
+        if self.alpha != 0.0:
+            mean, var = column_moments(xn, w) if self.bn.uses_batch_stats else (None, None)
+            bn = self.bn.as_affine(mean, var, xn.shape[0])                            # (μ, γ/σ, β)
+            v = self.values._weight_rows(dtype)                                       # V = s2 · v̂
+        elif targets is None:
+            return x                                                                  # nothing to compute
+        y, self.last_loss = fused_kd_step(xn, w, bn, v, targets, tile_rows, self.values.eps)
+        if y is None:
+            return x                                                                  # α = 0: x̂ = x
+        return x + self.alpha * y.view(B, H, W, C).permute(0, 3, 1, 2)                # step 4: residual
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_templates={self.num_templates}, alpha={self.alpha}"

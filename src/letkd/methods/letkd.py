@@ -25,9 +25,10 @@ import json
 import os
 import re
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +39,17 @@ from letkd.methods.base import Context, Distiller, register
 from letkd.models.attach import KDLayerSpec, attach_kd_layers
 from letkd.models.taps import feature_shapes, resolve
 from letkd.targets.artifact import load_targets, save_targets, teacher_fingerprint
-from letkd.targets.codebook import soft_targets
-from letkd.targets.decisions import decision_targets, lda_project
+from letkd.fused_step import TileTargets
+from letkd.targets.codebook import SoftTargetRows, soft_targets
+from letkd.targets.decisions import DecisionTargetRows, decision_targets, lda_project
 from letkd.targets.extract import pool_to_size, to_rows
 from letkd.targets.fit import fit_targets, lda_dimension
 
 __all__ = ["LetKDParams", "LetKD1Params", "QuestParams", "LetKD", "LetKD1", "Quest",
            "template_kl_loss", "targets_path_for", "ensure_targets", "expected_meta"]
+
+
+KERNELS = ("fused", "reference")
 
 
 @dataclass
@@ -73,6 +78,8 @@ class LetKDParams:
     target_seed: int = 0                  # K-means seed of the offline fit
     fit_batch_size: int = 256             # batch size of the offline teacher passes
     teacher_fp32: bool = True             # teacher forward outside autocast: targets match the fp32 offline fit
+    kernel: str = "fused"                 # KD layers + template losses: fused (tiled, letkd.fused_step) | reference
+    tile_rows: int = 0                    # rows per tile of the fused kernel (0: about 2 MB per K-wide fp32 tile)
     student_penult_tap: str = "penultimate"
     student_inter_tap: str = "last_stage_first_block"
     teacher_penult_tap: str = "penultimate"
@@ -82,7 +89,9 @@ class LetKDParams:
         for name in ("k_penult", "k_sub", "lda_dim", "kmeans_iters", "fit_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_samples", "tau", "lambda_penult", "lambda_inter", "kd_weight", "ce_weight"):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"method.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
+        for name in ("max_samples", "tile_rows", "tau", "lambda_penult", "lambda_inter", "kd_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"method.{name} must be >= 0, got {getattr(self, name)}")
         if self.kd_T <= 0:
@@ -207,7 +216,11 @@ class LetKD(Distiller):
         """``train.compile=kd_layers``: compile each KD layer in place (``nn.Module.compile``: the
         state_dict keys do not change) and the two target + loss functions with ``torch.compile``.
         Inductor fuses the element-wise passes over the (B·H·W)×K activations (BN, ReLU, softmax,
-        cross-entropy) that dominate the layers' cost in eager mode (docs/scaling.md)."""
+        cross-entropy) that dominate the reference kernel's cost in eager mode (docs/scaling.md).
+        Compiles the reference kernel only: the fused kernel already keeps those passes on tiles."""
+        if self.params.kernel != "reference":
+            raise ValueError("train.compile=kd_layers compiles the reference KD-layer kernel; add method.kernel=reference "
+                             "(or keep the default fused kernel and set train.compile=none)")
         for layer in self.kd.values():
             layer.compile()
         self._penult_loss = torch.compile(penult_template_loss)
@@ -260,22 +273,48 @@ class LetKD(Distiller):
         if self.t_names or p.kd_weight > 0:
             with torch.autocast(device_type=images.device.type, enabled=not p.teacher_fp32):
                 t_logits = self.teacher_forward(images)
-        logits = self.student(images)
+        with ExitStack() as fused:
+            if p.kernel == "fused":  # the KD layers compute their template losses during the student's forward
+                for role, layer in self.kd.items():
+                    targets_for = self._tile_targets(role, labels) if self.supervised[role] else None
+                    fused.enter_context(layer.fused_step(targets_for, p.tile_rows or None))
+            logits = self.student(images)
         losses = {"ce": p.ce_weight * F.cross_entropy(logits, labels)}
-        if self.supervised["penult"]:
-            a = self._scores("penult")
-            t = pool_to_size(self.t_feats[self.t_names["penult"]], a.shape[-2:])
-            losses["penult"] = p.lambda_penult * self._penult_loss(a, t, self.centroids, p.tau)
-        if self.supervised["inter"]:
-            a = self._scores("inter")
-            t = pool_to_size(self.t_feats[self.t_names["inter"]], a.shape[-2:])
-            losses["inter"] = p.lambda_inter * self._inter_loss(a, t, labels, self.lda_mean, self.lda_W,
-                                                                 self.sub_centres, self.score_matrix)
+        weight = {"penult": p.lambda_penult, "inter": p.lambda_inter}
+        for role in ("penult", "inter"):
+            if not self.supervised[role]:
+                continue
+            layer = self.kd[role]
+            if layer.last_loss is not None:                      # fused kernel
+                losses[role] = weight[role] * layer.last_loss
+            elif role == "penult":                               # reference kernel: loss on the scores
+                a = self._scores("penult")
+                t = pool_to_size(self.t_feats[self.t_names["penult"]], a.shape[-2:])
+                losses["penult"] = p.lambda_penult * self._penult_loss(a, t, self.centroids, p.tau)
+            else:
+                a = self._scores("inter")
+                t = pool_to_size(self.t_feats[self.t_names["inter"]], a.shape[-2:])
+                losses["inter"] = p.lambda_inter * self._inter_loss(a, t, labels, self.lda_mean, self.lda_W,
+                                                                     self.sub_centres, self.score_matrix)
         for layer in self.kd.values():
-            layer.last_scores = None  # do not hold the graph beyond this step
+            layer.last_scores = layer.last_loss = None  # do not hold the graph beyond this step
         if p.kd_weight > 0:
             losses["kd"] = p.kd_weight * _hinton_kd(logits, t_logits, p.kd_T)
         return logits, losses
+
+    def _tile_targets(self, role: str, labels: torch.Tensor) -> Callable[[tuple[int, int]], TileTargets]:
+        """The soft targets of ``role`` for the fused kernel, as a function of the layer's H×W:
+        the teacher map of this batch pooled to H×W, then codebook softmax rows (penultimate,
+        :class:`SoftTargetRows`) or rows of ``S`` for each location's sub-class (intermediate,
+        :class:`DecisionTargetRows`); a tile's rows are formed only when the kernel asks."""
+        t = self.t_feats[self.t_names[role]]
+        if role == "penult":
+            return lambda hw: SoftTargetRows(to_rows(pool_to_size(t, hw)), self.centroids, self.params.tau)
+
+        def inter(hw: tuple[int, int]) -> TileTargets:
+            z = lda_project(to_rows(pool_to_size(t, hw)), self.lda_mean, self.lda_W)
+            return DecisionTargetRows(z, labels.repeat_interleave(hw[0] * hw[1]), self.sub_centres, self.score_matrix)
+        return inter
 
     def _scores(self, role: str) -> torch.Tensor:
         a = self.kd[role].last_scores

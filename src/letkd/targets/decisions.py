@@ -38,7 +38,7 @@ import torch
 from letkd.targets.codebook import kmeans
 
 __all__ = ["ClassStats", "fit_lda", "lda_project", "fit_subclass_centres", "assign_subclasses",
-           "nearest_prototype", "DecisionStats", "decision_targets"]
+           "nearest_prototype", "DecisionStats", "decision_targets", "DecisionTargetRows"]
 
 
 class ClassStats:
@@ -298,3 +298,24 @@ def decision_targets(z: torch.Tensor, labels: torch.Tensor, centres: torch.Tenso
     if z.shape[0] != labels.shape[0]:
         raise ValueError(f"decision_targets: {z.shape[0]} feature rows but {labels.shape[0]} labels")
     return S[assign_subclasses(z, labels, centres)]
+
+
+class DecisionTargetRows:
+    """:func:`decision_targets` one row range at a time (``rows(start, stop)``, the fused KD step's
+    :data:`letkd.fused_step.TileTargets`): the sub-class of every row is found once (N integers),
+    a tile is its rows of ``S``."""
+
+    def __init__(self, z: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, S: torch.Tensor) -> None:
+        if z.shape[0] != labels.shape[0]:
+            raise ValueError(f"decision_targets: {z.shape[0]} feature rows but {labels.shape[0]} labels")
+        self.S = S.float()
+        self.index = assign_subclasses(z, labels, centres)
+        self.neg_entropy = torch.special.xlogy(self.S, self.S).sum(1)    # Σ_k S_jk log S_jk per sub-class j
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        return self.S[self.index[start:stop]]
+
+    def with_entropy(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows and their ``Σ P log P``, from ``Σ_k S_jk log S_jk`` per sub-class ``j``."""
+        idx = self.index[start:stop]
+        return self.S[idx], self.neg_entropy[idx].sum()
