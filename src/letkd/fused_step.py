@@ -33,6 +33,7 @@ accumulators in fp32.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -255,10 +256,28 @@ def over_tiles(n: int, tile_rows: int, workers: int, body: Callable[[int, int, i
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, range(workers)))
+        list(_pool(workers).map(run, range(workers)))
     finally:
         torch.set_num_threads(threads)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None   # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One persistent pool of tile workers (threads keep their BLAS / OpenMP state between calls)."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="letkd-tiles")
+    return _POOL
 
 
 def target_rows(targets: TileTargets, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
