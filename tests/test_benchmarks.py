@@ -9,9 +9,9 @@ import sys
 from conftest import ROOT
 
 
-def _run(script: str, *args: str) -> None:
+def _run(script: str, *args: str, timeout: int = 300) -> None:
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT,
-                   capture_output=True, text=True, timeout=300)
+                   capture_output=True, text=True, timeout=timeout)
 
 
 def test_throughput_script(tmp_path) -> None:
@@ -31,14 +31,23 @@ def test_throughput_script(tmp_path) -> None:
 def test_letkd_cost_script(tmp_path) -> None:
     out = tmp_path / "cost.json"
     _run("letkd_cost.py", "--pairs", "resnet20:resnet8", "--batch", "4", "--k-penult", "16", "--num-classes", "10",
-         "--steps", "1", "--warmup", "1", "--profile", "--out", str(out))
+         "--steps", "1", "--warmup", "1", "--profile", "--memory", "--memory-batches", "4", "--tile-rows", "5",
+         "--out", str(out), timeout=600)
     (row,) = json.loads(out.read_text())
+    # both KD-layer kernels side by side, and the memory of a step for KD and each kernel
+    assert row["kd_step_s"] > 0 and row["letkd2_step_s"] > 0 and row["fused_letkd2_step_s"] > 0
+    assert {"fused_ratio", "fused_measured_slowdown", "measured_slowdown"} <= set(row)
+    assert [(m["method"], m["kernel"], m["batch"]) for m in row["memory"]] == [
+        ("kd", None, 4), ("letkd2", "reference", 4), ("letkd2", "fused", 4)]
+    assert all(m["step_peak_mib"] >= 0 and m["saved_for_backward_mib"] > 0 for m in row["memory"])
+    md = out.with_suffix(".md").read_text()
+    assert "letKD-2 fused" in md and "| resnet20→resnet8 | 4 |" in md
     assert row["extra_gmacs"] > 0 and row["kd_step_gmacs"] > row["extra_gmacs"]
     assert row["predicted_extra_s"] > 0 and "ratio" in row
     # extra MACs = KD layers (forward + backward) + targets; both parts are counted
     assert abs(row["extra_gmacs"] - row["extra_kd_layers_gmacs"] - row["extra_targets_gmacs"]) < 1e-9
     # --profile: top operators and the matmul / element-wise / other split, for both methods
-    for name in ("letkd2", "kd"):
+    for name in ("letkd2", "fused", "kd"):
         assert row[f"profile_{name}"] and {"op", "self_ms", "calls"} <= set(row[f"profile_{name}"][0])
         assert set(row[f"breakdown_{name}"]) == {"wide_matmul_ms", "wide_elementwise_ms", "wide_elementwise_calls",
                                                  "other_ms"}
