@@ -9,8 +9,8 @@ OUT=${1:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_info.txt"
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print(torch.__version__, torch.cuda.get_device_name(0))"
-# 1. GPU-marked tests (fp32 / bf16 / fp16 distillation, KD layer on the device vs the CPU)
-timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+# 1. GPU-marked tests (fp32 / bf16 / fp16 distillation, KD layer on the device vs the CPU, fused vs reference kernel)
+timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_fused_step.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 # 2. throughput: same pair / methods / batch as the CPU tables, plus batch 256 (GPU-sized)
 for B in 64 256; do
   timeout 240 python3 benchmarks/throughput.py --device cuda --models resnet8x4 resnet32x4 --pair resnet32x4:resnet8x4 \

@@ -17,8 +17,10 @@ formed there from ``softmax(A_t) − P_t`` while ``P_t`` exists. The backward re
 and ``H_t`` tile by tile in ONE pass for the values branch and accumulates the small gradients
 (``W``, ``V``, ``μ``, ``s``, ``β``); the targets are evaluated once. Matrix products per tile:
 forward ``A``, ``HVᵀ``, the targets' own, ``GW``, ``GᵀXn``; backward ``A``, ``G_s V``,
-``G_sᵀH``, ``GW``, ``GᵀXn`` (the reference path: 3 + 4 on the whole N×K tensors). Without
-values (α = 0) the backward is two scalings. All element-wise work runs on tiles.
+``G_sᵀH``, ``Gᵀ[Xn, 1]`` (``Σ g Xn`` and ``Σ g`` at once), ``G (s ⊙ W)`` — ten N·C·K products
+per supervised layer with values against the reference path's seven, in exchange for no
+element-wise pass over a whole N×K tensor. Without values (α = 0) the backward is two scalings.
+On CPU the tiles are shared among single-threaded workers (:func:`over_tiles`).
 
 BatchNorm enters as three K-vectors ``(μ, s, β)``, ``s = γ/σ``: with batch statistics they are
 differentiable functions of ``Xn`` and ``W`` computed without ``A`` (:func:`column_moments`), so
@@ -38,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["TileTargets", "default_tile_rows", "row_tiles", "column_moments", "fused_kd_step"]
 
@@ -48,15 +49,19 @@ __all__ = ["TileTargets", "default_tile_rows", "row_tiles", "column_moments", "f
 #: ``xlogy`` (:class:`letkd.targets.SoftTargetRows`, :class:`letkd.targets.DecisionTargetRows`).
 TileTargets = Callable[[int, int], torch.Tensor]
 
-# Default tile: one K-wide fp32 array of about 2 MB (128 rows at K = 4096). A tile's handful of
-# K-wide temporaries then stay in the last-level cache; much smaller tiles pay the per-operation
-# dispatch (about 40 small operations per tile and pass) more than they gain from L2.
-TILE_BYTES = 2 << 20
+# Default tile on CPU: one K-wide fp32 array of about 2 MB (128 rows at K = 4096). A tile's
+# handful of K-wide temporaries then stay in the last-level cache; much smaller tiles pay the
+# per-operation dispatch (about 40 small operations per tile and pass) more than they gain from
+# L2. On a GPU the tile only bounds memory (kernel launches want large tiles): 64 MB.
+TILE_BYTES = {"cpu": 2 << 20}
+TILE_BYTES_OTHER = 64 << 20
 
 
-def default_tile_rows(num_templates: int) -> int:
-    """Rows per tile so that one K-wide fp32 tile is about ``TILE_BYTES`` (at least 16 rows)."""
-    return max(16, TILE_BYTES // (4 * int(num_templates)))
+def default_tile_rows(num_templates: int, device: torch.device | str = "cpu") -> int:
+    """Rows per tile so that one K-wide fp32 tile is about ``TILE_BYTES`` of the device type
+    (at least 16 rows)."""
+    budget = TILE_BYTES.get(torch.device(device).type, TILE_BYTES_OTHER)
+    return max(16, budget // (4 * int(num_templates)))
 
 
 def row_tiles(n: int, tile_rows: int) -> Iterator[tuple[int, int]]:
@@ -110,16 +115,18 @@ def template_kl(a: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor) -> 
 
 # -- the per-tile steps, backward -----------------------------------------------------------------
 def values_backward(h: torch.Tensor, norm: torch.Tensor, y: torch.Tensor, gy: torch.Tensor, v: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps: float, dv: torch.Tensor) -> torch.Tensor:
     """Step 3 backward, with ``r = max(‖H‖, eps)`` and ``G_s = g_y / r``:
-    ``∂L/∂H = G_s V − H ⊙ [‖H‖ > eps] · rowsum(G_s ⊙ y) / ‖H‖`` and ``∂L/∂V = G_sᵀ H``
-    (as :class:`letkd.layers._NormalisedRowsMatmul`). Returns (∂L/∂H fp32, ∂L/∂V fp32)."""
+    ``∂L/∂H = G_s V − H ⊙ [‖H‖ > eps] · rowsum(G_s ⊙ y) / ‖H‖`` (returned, fp32) and
+    ``∂L/∂V += G_sᵀ H`` into ``dv`` (fp32), as :class:`letkd.layers._NormalisedRowsMatmul`."""
     gs = gy.float() / norm.clamp_min(eps)[:, None]
     coef = (gs * y.float()).sum(1) / norm.clamp_min(eps)
     coef = torch.where(norm > eps, coef, torch.zeros_like(coef))
-    gh = (gs.to(v.dtype) @ v).float().addcmul_(h, coef[:, None], value=-1.0)
-    gv = (gs.to(v.dtype).t() @ h.to(v.dtype)).float()
-    return gh, gv
+    if v.dtype == torch.float32:
+        dv.addmm_(gs.t(), h)
+    else:
+        dv += (gs.to(v.dtype).t() @ h.to(v.dtype)).float()
+    return (gs.to(v.dtype) @ v).float().addcmul_(h, coef[:, None], value=-1.0)
 
 
 def accumulate_input_grads(g: torch.Tensor, xn_t: torch.Tensor, w: torch.Tensor, dxn_t: torch.Tensor | None,
@@ -209,8 +216,7 @@ class _FusedKDStep(torch.autograd.Function):
             def tile(s: int, e: int, k: int) -> None:
                 a = tile_scores(xn[s:e], w)                                          # step 1 again
                 h = soft_maximiser(a, scale, offset)                                 # step 2 again
-                gh, gv = values_backward(h, norm[s:e], y[s:e], gy[s:e], v, ctx.eps)  # step 3
-                dvs[k] += gv
+                gh = values_backward(h, norm[s:e], y[s:e], gy[s:e], v, ctx.eps, dvs[k])  # step 3
                 g = torch.ops.aten.threshold_backward(gh, h, 0.0)                    # ReLU: g = ∂L/∂(pre-activation)
                 accumulate_input_grads(g, xn_aug[s:e], None, None, gx_augs[k])       # Σ g [Xn, 1]
                 if need_x:
@@ -311,7 +317,7 @@ def fused_kd_step(xn: torch.Tensor, w: torch.Tensor, bn: tuple[torch.Tensor, tor
         raise ValueError(f"fused_kd_step: xn and w must share the compute dtype; got {xn.dtype} and {w.dtype}")
     if xn.shape[0] == 0:
         raise ValueError("fused_kd_step: no rows")
-    tile = int(tile_rows) if tile_rows else default_tile_rows(w.shape[0])
+    tile = int(tile_rows) if tile_rows else default_tile_rows(w.shape[0], xn.device)
     if tile < 1:
         raise ValueError(f"fused_kd_step: tile_rows must be >= 1, got {tile_rows}")
     centre, scale, shift = (t.float() for t in bn) if bn is not None else (None, None, None)

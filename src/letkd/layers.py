@@ -222,7 +222,7 @@ class KDLayer(nn.Module):
         ``targets_for((H, W))`` gives the :data:`letkd.fused_step.TileTargets` of the soft targets for
         this layer's B·H·W locations (rows in :func:`letkd.targets.extract.to_rows` order); None:
         no loss (an unsupervised layer). ``tile_rows``: rows per tile (None: about 2 MB per
-        K-wide fp32 tile, :func:`letkd.fused_step.default_tile_rows`)."""
+        K-wide fp32 tile on CPU, 64 MB on a GPU: :func:`letkd.fused_step.default_tile_rows`)."""
         if tile_rows is not None and int(tile_rows) < 1:
             raise ValueError(f"KDLayer.fused_step: tile_rows must be >= 1 (or None), got {tile_rows}")
         self._fused, self.last_loss = (targets_for, tile_rows), None

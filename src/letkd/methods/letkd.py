@@ -79,7 +79,7 @@ class LetKDParams:
     fit_batch_size: int = 256             # batch size of the offline teacher passes
     teacher_fp32: bool = True             # teacher forward outside autocast: targets match the fp32 offline fit
     kernel: str = "fused"                 # KD layers + template losses: fused (tiled, letkd.fused_step) | reference
-    tile_rows: int = 0                    # rows per tile of the fused kernel (0: about 2 MB per K-wide fp32 tile)
+    tile_rows: int = 0                    # rows per tile of the fused kernel (0: ~2 MB per K-wide fp32 tile on CPU, 64 MB on GPU)
     student_penult_tap: str = "penultimate"
     student_inter_tap: str = "last_stage_first_block"
     teacher_penult_tap: str = "penultimate"
