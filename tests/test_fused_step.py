@@ -14,6 +14,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,6 +300,34 @@ def test_method_kernel_option(tmp_path) -> None:
     assert d.params.kernel == "fused"
     with pytest.raises(ValueError, match="method.kernel=reference"):
         d.compile_hot_paths()
+
+
+def test_deployed_student_after_fused_training_exports_to_onnx(tmp_path) -> None:
+    """Training with the fused kernel leaves the deployed student a plain module: after a fused
+    step it equals the reference-trained student, and its ONNX export matches PyTorch."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from letkd.export import to_onnx
+    from test_letkd_method import ToyData, make
+
+    data = ToyData(tmp_path)
+    students = []
+    for kernel in ("reference", "fused"):
+        d = make(targets_dir=str(tmp_path / "t"), kernel=kernel)
+        d.prepare(data, None)
+        d.train()
+        opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
+        _, losses = d.forward_train(data.images[:6], data.labels[:6])
+        sum(losses.values()).backward()
+        opt.step()
+        students.append(d.deployable().eval())
+    x = data.images[6:9]
+    with torch.no_grad():
+        want, got = students[0](x), students[1](x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    path = to_onnx(students[1], x, tmp_path / "student.onnx")
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(out, got.numpy(), atol=1e-4, rtol=0)
 
 
 GPU = os.environ.get("LETKD_TEST_DEVICE", "cuda")
