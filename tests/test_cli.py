@@ -33,7 +33,8 @@ def test_train_teacher_run_directory_and_evaluate(tmp_path):
               "params_student", "params_extra", "wall_seconds", "images_per_second"):
         assert k in summary
     assert summary["student"] == "resnet8" and summary["params_extra"] == 0 and summary["epochs"] == 2
-    assert summary["best_acc"] == out["best_acc"] > 30  # 10 classes: well above chance after 2 tiny epochs
+    # 10 classes: well above chance (10 %) after 2 tiny epochs; measured 43.0 % (avx2) and 39.5 % (default kernels)
+    assert summary["best_acc"] == out["best_acc"] >= 25
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all("loss_ce" in r and "test_acc" in r for r in rows)
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2

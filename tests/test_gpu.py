@@ -59,9 +59,14 @@ def test_distill_on_device(method, precision, teacher, tmp_path):
                  "train.channels_last=true", f"run.dir={run}", *extra)
     s = json.loads((run / "summary.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert s["last_acc"] > 10.0
+    # one 10-step epoch shows that training runs in this precision, not that it beats chance (the
+    # accuracy of so short a run can sit at chance on some CPUs: see tests/test_distill_cli.py)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in rows[-1].items() if k.startswith("loss"))
-    # the checkpoint written on the device evaluates on the CPU without the teacher
+    assert 0.0 <= s["last_acc"] <= 100.0 and torch.isfinite(torch.tensor(rows[-1]["test_loss"]))
+    # the checkpoint written on the device evaluates on the CPU without the teacher; in fp32 to the
+    # same accuracy up to a few near-ties of a barely trained model (TF32 convolutions on GPUs)
     _, out, _ = letkd_inproc("evaluate", run / "checkpoints" / "best.pt", "data.test_subset=200", "--device", "cpu")
     res = json.loads(out[out.index("{"):])
-    assert res["method"] == method and 10.0 < res["acc"] <= 100.0
+    assert res["method"] == method and res["count"] == 200 and torch.isfinite(torch.tensor(res["loss"]))
+    if precision == "fp32":
+        assert abs(res["acc"] - s["best_acc"]) <= 2.0, (res["acc"], s["best_acc"])
