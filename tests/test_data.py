@@ -410,8 +410,9 @@ def test_crop_matches_reference_and_never_flips(mode):
     seen = {}
     for augment in ("crop", "crop_flip"):
         info = DatasetInfo("ramp", 1, 1, (8, 8), (0.0,), (1.0,), 20, 4, ["a"])
-        d = InMemoryData(info, Split(imgs, torch.zeros(20, dtype=torch.long)), Split(imgs[:4], torch.zeros(4, dtype=torch.long)),
-                         augment=augment, pad_mode="zeros", batch_size=10)
+        zeros = torch.zeros(20, dtype=torch.long)
+        d = InMemoryData(info, Split(imgs, zeros), Split(imgs[:4], zeros[:4]), augment=augment, pad_mode="zeros",
+                         batch_size=10)
         assert d.pad == 1
         got = [b["images"][i] * 255 for e in range(10) for b in d.train_batches(e) for i in range(len(b["images"]))]
         assert len(got) == 200

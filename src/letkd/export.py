@@ -13,7 +13,8 @@ from torch import nn
 
 __all__ = ["export_onnx", "to_onnx"]
 
-_ONE_FILE_LIMIT = 1 << 30  # weights above 1 GiB go to an external ``<output>.data`` file (protobuf caps a file at 2 GiB)
+# weights above 1 GiB go to an external ``<output>.data`` file (protobuf caps one file at 2 GiB)
+_ONE_FILE_LIMIT = 1 << 30
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, output: str | Path, *, metadata: dict[str, str] | None = None,

@@ -32,7 +32,7 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
 
 
 def _scan(stream: io.BufferedIOBase) -> tuple[list[str], list]:
-    """Globals named by ONE pickle read from ``stream`` (up to its STOP), and its top-level args.
+    """Globals named by ONE pickle read from ``stream`` (up to its STOP), and its opcodes' arguments.
 
     Raises ``ValueError`` when the opcodes are malformed or end before STOP (pickletools'
     own error). ``STACK_GLOBAL`` names are followed through the memo where possible.
@@ -73,11 +73,8 @@ def _describe_other(head: bytes) -> str:
         return "it is an HDF5 file (e.g. Keras weights)"
     if len(head) > 9 and head[8:10] in (b'{"', b"{'") and int.from_bytes(head[:8], "little") < 1 << 32:
         return "it is a safetensors file (read it with safetensors, then torch.save the state_dict)"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = ""
-    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+    text = head.decode("utf-8", "ignore")  # (a multi-byte character may be cut at the end of ``head``)
+    if len(text) >= len(head) // 2 and all(c.isprintable() or c in "\r\n\t" for c in text):
         return f"it starts with text: {text[:40].splitlines()[0]!r}"
     return f"it starts with the bytes {head[:8].hex(' ')}, which no torch.save file starts with"
 
@@ -90,7 +87,8 @@ def _zip(path: Path, error: BaseException) -> tuple[str, str]:
                 return NOT_TORCH, "it is a TorchScript archive (torch.jit.save), not a torch.save checkpoint"
             pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
             if not pkl:
-                return NOT_TORCH, f"it is a zip archive without data.pkl (members: {', '.join(names[:5])}), not a torch.save file"
+                members = ", ".join(names[:5])
+                return NOT_TORCH, f"it is a zip archive without data.pkl (members: {members}), not a torch.save file"
             bad = zf.testzip()
             if bad is not None:
                 return DAMAGED, f"its member {bad} fails its CRC check"
@@ -129,7 +127,7 @@ def _pickle_stream(path: Path, error: BaseException) -> tuple[str, str]:
 def _verdict(found: list[str], error: BaseException) -> tuple[str, str]:
     """A well-formed torch pickle: code if it names non-plain callables, else damaged elsewhere."""
     bad = _offenders(found)
-    if bad or isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+    if bad or (isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error)):
         names = ", ".join(bad[:5]) or _unsupported_line(error)
         return CODE, f"its pickle calls {names}, which is neither a tensor nor plain data"
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "no detail")
@@ -138,7 +136,7 @@ def _verdict(found: list[str], error: BaseException) -> tuple[str, str]:
 
 def _unsupported_line(error: BaseException) -> str:
     for line in str(error).splitlines():
-        if "Unsupported global" in line:
+        if "Unsupported global:" in line:
             return line.split("Unsupported global:")[1].split(" was not")[0].replace("GLOBAL", "").strip()
     return "a callable"
 
