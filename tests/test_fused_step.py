@@ -304,7 +304,8 @@ def test_method_kernel_option(tmp_path) -> None:
 
 def test_deployed_student_after_fused_training_exports_to_onnx(tmp_path) -> None:
     """Training with the fused kernel leaves the deployed student a plain module: after a fused
-    step it equals the reference-trained student, and its ONNX export matches PyTorch."""
+    step it equals the reference-trained student, its ONNX export matches PyTorch and so does
+    ``torch.compile`` of it (where a C++ compiler is available)."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from letkd.export import to_onnx
@@ -328,6 +329,12 @@ def test_deployed_student_after_fused_training_exports_to_onnx(tmp_path) -> None
     path = to_onnx(students[1], x, tmp_path / "student.onnx")
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(out, got.numpy(), atol=1e-4, rtol=0)
+    from test_letkd_method import _can_compile_cpu
+
+    if _can_compile_cpu():   # torch.compile of the deployed student (Inductor needs g++ and Python.h)
+        with torch.no_grad():
+            compiled = torch.compile(students[1])(x)
+        torch.testing.assert_close(compiled, got, rtol=1e-4, atol=1e-5)
 
 
 GPU = os.environ.get("LETKD_TEST_DEVICE", "cuda")

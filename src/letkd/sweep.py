@@ -11,7 +11,8 @@ A sweep file is plain YAML::
       - {label: vanilla, config: configs/fashion_mnist/resnet20_resnet8/vanilla.yaml}
       - {label: letkd2-a0, config: configs/.../letkd2.yaml, overrides: [method.alpha_inter=0]}
 
-Config paths are relative to the sweep file. Run directories are ``<out>/<label>/seed<seed>`` (``<out>/<label>`` for ``pre``). A run whose
+Config paths are relative to the sweep file; ``out`` (like ``--out``) is relative to the working
+directory, so run sweeps from the repository root. Run directories are ``<out>/<label>/seed<seed>`` (``<out>/<label>`` for ``pre``). A run whose
 ``summary.json`` exists is skipped; one with ``checkpoints/last.pt`` is resumed; so a sweep
 killed anywhere continues where it stopped. ``{pre:LABEL}`` in an override is replaced by that
 pre-run's best checkpoint path. The table (``results.md`` / ``results.csv``) gives, per label,
