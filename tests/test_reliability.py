@@ -144,6 +144,8 @@ def test_distill_letkd2_sigkill_mid_epoch_then_resume_is_exact(distill_args, let
     assert proc.returncode == -signal.SIGKILL, err
     assert load_file(run / "checkpoints" / "last.pt")["epoch"] < 3, "the kill came too late to test anything"
     assert not (run / "summary.json").exists()
+    wall_killed = load_file(run / "checkpoints" / "last.pt")["wall_seconds"]   # the first process's, to its checkpoint
+    assert wall_killed > 0
 
     rc, out, err = cli(*distill_args, f"run.dir={run}", "--resume")
     assert rc == 0, err
@@ -163,6 +165,8 @@ def test_distill_letkd2_sigkill_mid_epoch_then_resume_is_exact(distill_args, let
     assert ra == rb and {"loss_penult", "loss_inter"} <= set(ra[0])
     sa, sb = (json.loads((x / "summary.json").read_text()) for x in (ref, run))
     assert (sa["best_acc"], sa["last_acc"], sa["best_epoch"]) == (sb["best_acc"], sb["last_acc"], sb["best_epoch"])
+    assert sb["wall_seconds"] > wall_killed   # wall time adds up over the processes of a resumed run
+    assert sb["threads"] >= 1 and sb["cpu"]
 
 
 def test_sweep_killed_between_runs_continues(fast, tmp_path):

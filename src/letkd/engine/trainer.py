@@ -329,6 +329,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     start_epoch, best_acc, best_epoch, trained_seconds, trained_images = 1, -1.0, 0, 0.0, 0
+    wall_before = 0.0   # wall time of earlier processes of this run, up to their last checkpoint
     last_path = run_dir / "checkpoints" / "last.pt"
     if do_resume:
         ck = load_file(last_path)
@@ -349,6 +350,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         start_epoch = ck["epoch"] + 1
         best_acc, best_epoch = ck["best_acc"], ck["best_epoch"]
         trained_seconds, trained_images = ck.get("trained_seconds", 0.0), ck.get("trained_images", 0)
+        wall_before = ck.get("wall_seconds", 0.0)
         if dinfo.main:
             print(f"resuming {run_dir} from epoch {ck['epoch']}")
 
@@ -386,7 +388,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 if epoch % cfg.run.checkpoint_every == 0 or epoch == cfg.train.epochs:
                     full = dict(ck, distiller=_cpu_state(distiller, skip_prefix="teacher."),
                                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                                rng=rng_state(), trained_seconds=trained_seconds, trained_images=trained_images)
+                                rng=rng_state(), trained_seconds=trained_seconds, trained_images=trained_images,
+                                wall_seconds=wall_before + time.time() - t_start)
                     save_atomic(full, last_path)
             dist.barrier()
     finally:
@@ -403,10 +406,11 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "epochs": cfg.train.epochs, "best_acc": best_acc, "last_acc": last_acc, "best_epoch": best_epoch,
         "params_student": b.params_student, "params_extra": _count(deploy) - b.params_student,
         "params_train_only": sum(p.numel() for p in distiller.trainable_parameters()) - _count(deploy),
-        "wall_seconds": time.time() - t_start, "train_seconds": trained_seconds,
+        "wall_seconds": wall_before + time.time() - t_start, "train_seconds": trained_seconds,
         "images_per_second": trained_images / trained_seconds if trained_seconds else None,
         "precision": precision, "channels_last": cfg.train.channels_last, "device": str(device),
-        "world_size": dinfo.world_size, "letkd_version": letkd.__version__, "run_dir": str(run_dir),
+        "world_size": dinfo.world_size, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+        "letkd_version": letkd.__version__, "run_dir": str(run_dir),
     }
     summary = dist.broadcast_object(summary)  # identical on every rank (rank 0's timings)
     if dinfo.main:
@@ -552,3 +556,16 @@ def _train_epoch(cfg: Config, step_module: nn.Module, distiller: methods.Distill
     row["train_images"] = int(total)
     row["images_per_second"] = total / seconds if seconds > 0 else None
     return row
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()``."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
