@@ -221,6 +221,7 @@ class LetKD(Distiller):
         if self.params.kernel != "reference":
             raise ValueError("train.compile=kd_layers compiles the reference KD-layer kernel; add method.kernel=reference "
                              "(or keep the default fused kernel and set train.compile=none)")
+        _scalar_inductor_if_aten_vectors_off()
         for layer in self.kd.values():
             layer.compile()
         self._penult_loss = torch.compile(penult_template_loss)
@@ -437,3 +438,13 @@ def ensure_targets(distiller: LetKD, data: Any, path: str | os.PathLike | None =
         save_targets(path, targets)
     distiller.set_targets(targets)
     return targets
+
+
+def _scalar_inductor_if_aten_vectors_off() -> None:
+    """With ``ATEN_CPU_CAPABILITY=default`` (ATen's vectorised CPU kernels off) torch 2.14's
+    Inductor still emits ``at::vec`` reductions that its C++ build then rejects ("'at::vec' has
+    not been declared"); scalar code generation (``cpp.simdlen = 1``) compiles and computes the same."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() == "default":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.simdlen = 1
