@@ -52,3 +52,29 @@ def test_letkd_cost_script(tmp_path) -> None:
         assert set(row[f"breakdown_{name}"]) == {"wide_matmul_ms", "wide_elementwise_ms", "wide_elementwise_calls",
                                                  "other_ms"}
     assert row["breakdown_letkd2"]["wide_elementwise_calls"] > 0 and row["breakdown_kd"]["wide_elementwise_calls"] == 0
+
+
+def test_protocol_p_report_on_fabricated_runs(tmp_path) -> None:
+    """benchmarks/protocol_p.py: mean ± sample std over finished seeds, running seeds listed and
+    not used, the verdict's one-std comparison, per-epoch means — against numbers worked by hand."""
+    def run(label: str, seed: int, accs: list[float], done: bool = True) -> None:
+        d = tmp_path / "sweep" / label / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "lr": 0.05, "test_acc": a}) + "\n"
+                                                 for i, a in enumerate(accs)))
+        if done:
+            (d / "summary.json").write_text(json.dumps({"best_acc": max(accs), "last_acc": accs[-1],
+                                                        "wall_seconds": 600.0, "threads": 1, "cpu": "X"}))
+
+    run("kd", 0, [80.0, 90.0]), run("kd", 1, [82.0, 88.0])                     # last 90, 88: 89.00 ± 1.41
+    run("letkd2", 0, [81.0, 91.0]), run("letkd2", 1, [83.0, 93.0])             # last 91, 93: 92.00 ± 1.41
+    run("letkd2", 2, [70.0], done=False)
+    out = tmp_path / "p.md"
+    _run("protocol_p.py", str(tmp_path / "sweep"), "--out", str(out))
+    text = out.read_text()
+    assert "| KD | 2 | 89.00 ± 1.41 | 89.00 ± 1.41 | s0: 90.00, s1: 88.00 | 10 min | 1 × X | – |" in text
+    assert "| letKD-2 | 2 | 92.00 ± 1.41 | 92.00 ± 1.41 |" in text and "s2 at epoch 1" in text
+    assert ("letKD-2 92.00 is ahead of KD 89.00 by 3.00 points at the last epoch (n = 2 / 2); "
+            "the gap exceeds one std (1.41).") in text
+    assert "letKD-2 vs letKD-1: not yet measured (2 and 0 finished seeds)." in text
+    assert "| 1 | 0.05 | 81.00 | 82.00 |" in text and "| 2 | 0.05 | 89.00 | 92.00 |" in text
