@@ -203,6 +203,45 @@ def test_sweep_killed_between_runs_continues(fast, tmp_path):
     assert f"{wall / 60:.1f} min" in table
 
 
+def test_sweep_processes_share_a_sweep_through_run_locks(fast, tmp_path):
+    """A run locked by a live process is skipped; a lock whose process is gone is taken over, the
+    run trained and the lock removed; claim/release keep to their own lock."""
+    import socket
+
+    from letkd.sweep import LOCK, claim, release
+
+    out = tmp_path / "sweep"
+    spec = {"out": str(out), "seeds": [0], "overrides": [*fast, "data.train_subset=300", "train.epochs=1"],
+            "runs": [{"label": "busy", "config": str(RES8)}, {"label": "stale", "config": str(RES8)}]}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(spec))
+    busy, stale = out / "busy" / "seed0", out / "stale" / "seed0"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])   # a live "sweep process"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        host = socket.gethostname()
+        for d, pid in ((busy, other.pid), (stale, gone.pid)):
+            d.mkdir(parents=True)
+            (d / LOCK).write_text(f"{host} {pid}")
+        rc, stdout, err = cli("sweep", sweep)
+        assert rc == 0, err
+        assert f"busy seed 0: being run by another sweep process ({host} {other.pid}), skipped" in stdout
+        assert not (busy / "summary.json").exists() and (busy / LOCK).read_text() == f"{host} {other.pid}"
+        assert "stale seed 0: running" in stdout and (stale / "summary.json").exists()
+        assert not (stale / LOCK).exists()
+        assert claim(busy) == f"{host} {other.pid}"
+        release(busy)                                   # not ours: left alone
+        assert (busy / LOCK).exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert claim(busy) is None                          # its process is gone now: taken over
+    assert (busy / LOCK).read_text() == f"{host} {os.getpid()}"
+    release(busy)
+    assert not (busy / LOCK).exists()
+
+
 # ------------------------------------------------------------------------ 2. atomic writes
 _CHILD = """
 import os, signal, sys, torch

@@ -14,7 +14,9 @@ A sweep file is plain YAML::
 Config paths are relative to the sweep file; ``out`` (like ``--out``) is relative to the working
 directory, so run sweeps from the repository root. Run directories are ``<out>/<label>/seed<seed>`` (``<out>/<label>`` for ``pre``). A run whose
 ``summary.json`` exists is skipped; one with ``checkpoints/last.pt`` is resumed; so a sweep
-killed anywhere continues where it stopped. ``{pre:LABEL}`` in an override is replaced by that
+killed anywhere continues where it stopped. Several sweep processes may share one sweep (e.g.
+one per core with ``OMP_NUM_THREADS=1 taskset -c N``, or one per GPU): each run is claimed with a
+lock file (:func:`claim`), and a run claimed by a live process is skipped by the others. ``{pre:LABEL}`` in an override is replaced by that
 pre-run's best checkpoint path. The table (``results.md`` / ``results.csv``) gives, per label,
 mean ± std over seeds of best-epoch and last-epoch test accuracy, the seed count, and links to
 each run's config and metrics.
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +36,7 @@ import yaml
 
 from letkd.config import ConfigError
 
-__all__ = ["SweepRun", "load_sweep", "run_sweep", "collect", "write_tables"]
+__all__ = ["SweepRun", "load_sweep", "run_sweep", "claim", "release", "collect", "write_tables"]
 
 
 @dataclass
@@ -119,12 +123,76 @@ def run_sweep(path: str | Path, out: str | None = None, only: list[str] | None =
         if dry_run:
             log(f"{tag}: would run {r.config} {' '.join(_overrides(r, pre_ckpt))}")
             continue
-        log(f"{tag}: running -> {r.run_dir}")
         cfg = config.load(r.config, _overrides(r, pre_ckpt))
-        run(cfg, resume=True)
+        holder = claim(r.run_dir)
+        if holder is not None:
+            log(f"{tag}: being run by another sweep process ({holder}), skipped")
+            continue
+        log(f"{tag}: running -> {r.run_dir}")
+        try:
+            run(cfg, resume=True)
+        finally:
+            release(r.run_dir)
     if dist.is_main() and not dry_run:
         write_tables(root, collect(root, [*pre, *runs]))
     return root
+
+
+LOCK = ".sweep.lock"
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(run_dir: Path) -> str | None:
+    """Take ``run_dir/.sweep.lock`` for this process, so that several ``letkd sweep`` processes
+    (on separate cores, GPUs or machines sharing the folder) can work through one sweep without
+    two of them training the same run. Returns None when claimed, else the holder ("host pid").
+    A lock left by a process that no longer exists on this host is taken over; one from another
+    host is respected (delete the file if no process runs it). Under ``torchrun`` every rank runs
+    the same run, so no lock is taken."""
+    if _distributed():
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock, me = run_dir / LOCK, f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = lock.read_text().strip()
+            except FileNotFoundError:
+                continue                                   # released meanwhile: try again
+            host, _, pid = holder.partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)               # stale: its process is gone
+                continue
+            return holder
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return None
+    return lock.read_text().strip() if lock.exists() else "another process"
+
+
+def release(run_dir: Path) -> None:
+    """Remove this process's lock from ``run_dir`` (leaves another process's alone)."""
+    lock = run_dir / LOCK
+    try:
+        if lock.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
