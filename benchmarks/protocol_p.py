@@ -108,13 +108,14 @@ def main() -> None:
         out += ["", "Per-epoch test accuracy (%), mean over the finished seeds:", "",
                 "| epoch | lr | " + " | ".join(NAMES[lab] for lab in shown) + " |",
                 "|---|---|" + "---|" * len(shown)]
-        for e in range(epochs):
+        by_epoch = {lab: [{r["epoch"]: r for r in rows} for _, _, rows in runs[lab]["done"]] for lab in shown}
+        for e in range(1, epochs + 1):
             cells, lr = [], ""
             for lab in shown:
-                accs = [rows[e]["test_acc"] for _, _, rows in runs[lab]["done"] if len(rows) > e]
-                lr = lr or next((f"{rows[e]['lr']:g}" for _, _, rows in runs[lab]["done"] if len(rows) > e), "")
+                accs = [rows[e]["test_acc"] for rows in by_epoch[lab] if e in rows and "test_acc" in rows[e]]
+                lr = lr or next((f"{rows[e]['lr']:g}" for rows in by_epoch[lab] if e in rows), "")
                 cells.append(f"{statistics.fmean(accs):.2f}" if accs else "–")
-            out.append(f"| {e + 1} | {lr} | " + " | ".join(cells) + " |")
+            out.append(f"| {e} | {lr} | " + " | ".join(cells) + " |")
     Path(args.out).write_text("\n".join(out) + "\n")
     print("\n".join(out))
 
