@@ -31,6 +31,8 @@ def load_runs(root: Path) -> dict[str, dict]:
     """``{label: {"done": [(seed, summary, epochs)], "running": [(seed, epochs so far)]}}``."""
     out: dict[str, dict] = {}
     for run in sorted(root.glob("*/seed*")):
+        if not run.is_dir() or not run.name[4:].isdigit():
+            continue
         label, seed = run.parent.name, int(run.name[4:])
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
             if (run / "metrics.jsonl").exists() else []
