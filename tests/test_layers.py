@@ -46,15 +46,9 @@ def reference_kd_layer(layer: KDLayer, x: np.ndarray, train: bool) -> tuple[np.n
 
 @pytest.mark.parametrize("train", [True, False])
 def test_kd_layer_matches_reference(train: bool) -> None:
-    torch.manual_seed(0)
-    layer = KDLayer(6, 5, alpha=0.7)
-    with torch.no_grad():
-        layer.templates.scale.fill_(2.5)
-        layer.values.scale.fill_(1.3)
-        layer.bn.weight.uniform_(0.5, 1.5)
-        layer.bn.bias.uniform_(-0.3, 0.3)
-        layer.bn.running_mean.uniform_(-0.5, 0.5)
-        layer.bn.running_var.uniform_(0.5, 2.0)
+    from test_fused_step import make_layer
+
+    layer = make_layer(6, 5, alpha=0.7, seed=0)   # non-trivial scales and BN state
     x = torch.randn(2, 6, 3, 4)
     layer.train(train)
     running_before = layer.bn.running_mean.clone()
