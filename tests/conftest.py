@@ -9,7 +9,16 @@ import torch
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 ROOT = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
+SUITE_THREADS = int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1))
+torch.set_num_threads(SUITE_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _suite_threads():
+    """Every test starts at the suite's thread count: a test module, an in-process CLI run
+    (``train.threads``) or the fused step may have changed torch's global setting."""
+    torch.set_num_threads(SUITE_THREADS)
+    yield
 
 
 def have_fmnist() -> bool:

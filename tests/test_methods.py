@@ -16,7 +16,12 @@ from torch import nn
 from letkd.methods import Context, create
 from letkd.methods import losses as L
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These toy-sized losses and steps run fastest on one thread (set per test, not at import,
+    so that collecting this module does not change the thread count of the rest of the suite)."""
+    torch.set_num_threads(1)
 
 
 class ToyNet(nn.Module):
