@@ -188,6 +188,11 @@ def test_sweep_killed_between_runs_continues(fast, tmp_path):
     assert (first / "summary.json").exists() and not (second / "summary.json").exists()
     before = (first / "summary.json").read_text()
 
+    rc, stdout, err = cli("sweep", sweep, "--tables")      # tables so far; nothing runs
+    assert rc == 0, err
+    assert "| first |" in stdout and "| second |" in stdout and "(+1 pending)" in stdout
+    assert not (second / "summary.json").exists() and "running" not in stdout
+
     rc, stdout, err = cli("sweep", sweep)
     assert rc == 0, err
     assert "first seed 0: done, skipped" in stdout and "second seed 0: running" in stdout

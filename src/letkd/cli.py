@@ -140,9 +140,12 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from letkd.sweep import run_sweep
+    from letkd.sweep import run_sweep, tabulate
 
-    root = run_sweep(args.sweep, out=args.out or None, only=args.only or None, dry_run=args.dry_run)
+    if args.tables:
+        root = tabulate(args.sweep, out=args.out or None)
+    else:
+        root = run_sweep(args.sweep, out=args.out or None, only=args.only or None, dry_run=args.dry_run)
     if not args.dry_run:
         print((root / "results.md").read_text())
     return 0
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="", help="override the sweep's output folder")
     s.add_argument("--only", nargs="*", help="run only these labels")
     s.add_argument("--dry-run", action="store_true", help="list what would run")
+    s.add_argument("--tables", action="store_true",
+                   help="run nothing: write results.md / results.csv from the runs finished so far")
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("report", help="PNG curves, method comparison and KD-layer template maps of a run or sweep")

@@ -36,7 +36,7 @@ import yaml
 
 from letkd.config import ConfigError
 
-__all__ = ["SweepRun", "load_sweep", "run_sweep", "claim", "release", "collect", "write_tables"]
+__all__ = ["SweepRun", "load_sweep", "run_sweep", "tabulate", "claim", "release", "collect", "write_tables"]
 
 
 @dataclass
@@ -134,7 +134,15 @@ def run_sweep(path: str | Path, out: str | None = None, only: list[str] | None =
         finally:
             release(r.run_dir)
     if dist.is_main() and not dry_run:
-        write_tables(root, collect(root, [*pre, *runs]))
+        tabulate(path, out)
+    return root
+
+
+def tabulate(path: str | Path, out: str | None = None) -> Path:
+    """Write the tables from the runs finished so far and run nothing (``letkd sweep --tables``):
+    for a sweep stopped part-way, or split over processes that have not all finished."""
+    root, pre, runs = load_sweep(path, out)
+    write_tables(root, collect(root, [*pre, *runs]))
     return root
 
 
