@@ -268,7 +268,7 @@ def write_tables(root: Path, rows: list[dict[str, Any]]) -> None:
         ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "–"
         pend = f" (+{r['pending']} pending)" if r["pending"] else ""
         wall = f"{r['wall_seconds_mean'] / 60:.1f} min" if r.get("wall_seconds_mean") else "–"
-        lines.append(f"| {r['label']} | {r['method']} | {r['teacher'] or '–'} → {r['student']} | {r['seeds']}{pend} | "
+        lines.append(f"| {r['label']} | {r['method'] or '–'} | {r['teacher'] or '–'} → {r['student'] or '–'} | {r['seeds']}{pend} | "
                      f"{_fmt(r['best_mean'], r['best_std'])} | {_fmt(r['last_mean'], r['last_std'])} | "
                      f"{r['params_extra'] if r['params_extra'] is not None else '–'} | {ips} | {wall} | {links} |")
     (root / "results.md").write_text("\n".join(lines) + "\n\nmean ± sample std over seeds; best = best test "
