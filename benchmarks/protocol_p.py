@@ -6,7 +6,7 @@
 Reads every finished run under ``<sweep dir>/<label>/seed<s>/`` (``summary.json`` +
 ``metrics.jsonl``) and writes, per label: best-epoch and last-epoch test accuracy as mean ± sample
 std over the finished seeds (n), the mean wall time of a run (with the threads and CPU it ran on),
-the per-epoch mean test accuracy, and the verdict lines of the issue — letKD-2 vs KD and
+the per-epoch mean test accuracy, and the verdict lines of the issue — letKD-2 vs KD (and vs the plain student and DKD) and
 letKD-2 vs letKD-1 vs QuEST — each saying whether the gap of the last-epoch means exceeds one
 std (the larger of the two rows' sample stds). Runs still in progress are listed, not used.
 Nothing here selects on the test set: "best" is reported beside "last", never instead of it.
@@ -101,7 +101,7 @@ def main() -> None:
                    f"{(statistics.fmean(wall) / 60):.0f} min | {'; '.join(where) or '–'} | {prog} |"
                    if wall else f"| {NAMES[lab]} | 0 | – | – | – | – | – | {prog} |")
     out += ["", "Verdicts (last-epoch accuracy; 'one std' = the larger sample std of the two rows):", ""]
-    for a, b in [("letkd2", "kd"), ("letkd2", "vanilla"), ("letkd2", "letkd1"), ("letkd1", "quest"),
+    for a, b in [("letkd2", "kd"), ("letkd2", "vanilla"), ("letkd2", "dkd"), ("letkd2", "letkd1"), ("letkd1", "quest"),
                  ("letkd2", "quest")]:
         out.append(f"- {verdict(a, b, runs)}")
     epochs = max((len(rows) for lab in labels for _, _, rows in runs[lab]["done"]), default=0)
