@@ -134,7 +134,7 @@ def run_sweep(path: str | Path, out: str | None = None, only: list[str] | None =
         finally:
             release(r.run_dir)
     if dist.is_main() and not dry_run:
-        tabulate(path, out)
+        write_tables(root, collect(root, [*pre, *runs]))
     return root
 
 
