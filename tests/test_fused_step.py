@@ -143,6 +143,85 @@ def test_eval_mode_and_outside_the_block_use_the_reference_path() -> None:
     assert scores.shape == (2, 6, 3, 3) and layer._fused is None
 
 
+def eval_formula(layer: KDLayer, x: torch.Tensor) -> torch.Tensor:
+    """METHOD §1 steps 1-4 in eval mode, written out on the B×C×H×W map (independent of the layer's code)."""
+    w = layer.templates.scale * F.normalize(layer.templates.weight.flatten(1), dim=1)
+    a = torch.einsum("bchw,kc->bkhw", F.normalize(x, dim=1), w)
+    bn = layer.bn
+    shape = (1, -1, 1, 1)
+    p = F.relu((a - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+               * bn.weight.view(shape) + bn.bias.view(shape))
+    v = layer.values.scale * F.normalize(layer.values.weight.flatten(1), dim=1)
+    return x + layer.alpha * torch.einsum("bkhw,ck->bchw", F.normalize(p, dim=1), v)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+def test_scoreless_inference_matches_the_formula_and_forms_no_scores(alpha: float) -> None:
+    layer = make_layer(6, 40, alpha).eval()
+    x = torch.randn(3, 6, 5, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = eval_formula(layer, x)
+        ref, ref_scores = layer(x)                       # outside the block: the reference path
+        with layer.without_scores():
+            got, scores = layer(x)
+    assert scores is None and layer.last_scores is None and ref_scores.shape == (3, 40, 5, 4)
+    assert rel(got, want) < 1e-5 and rel(ref, want) < 1e-5
+    if alpha == 0.0:
+        assert got is x                                  # α = 0: nothing computed
+    assert not layer._scoreless                          # the block restores the flag
+
+
+def test_scoreless_only_for_eval_mode_without_grad() -> None:
+    layer = make_layer(4, 6, 1.0)
+    x = torch.randn(2, 4, 3, 3)
+    with layer.without_scores():
+        layer.eval()
+        _, scores = layer(x)                             # grad enabled: reference path
+        assert scores is not None
+        layer.train()
+        with torch.no_grad():
+            _, scores = layer(x)                         # training mode (batch statistics): reference path
+        assert scores is not None
+
+
+def test_without_scores_over_a_model_and_evaluate() -> None:
+    from letkd.engine.trainer import evaluate
+    from letkd.layers import without_scores
+    from letkd.models.attach import KDLayerSpec, attach_kd_layers
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.body(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    student = Tiny()
+    layers = attach_kd_layers(student, None, {"inter": KDLayerSpec("body.1", 7, 1.0),
+                                              "penult": KDLayerSpec("body.3", 300, 1.0)}, input_shape=(3, 6, 6))
+    student.train()
+    student(torch.randn(16, 3, 6, 6))                   # move the BN running statistics off their init
+    student.eval()
+    x, y = torch.randn(20, 3, 6, 6), torch.randint(0, 5, (20,))
+    with torch.no_grad():
+        ref = student(x)
+        assert all(layer.last_scores is not None for layer in layers.values())
+        with without_scores(student):
+            got = student(x)
+            assert all(layer.last_scores is None for layer in layers.values())
+    assert rel(got, ref) < 1e-5
+    batches = [{"images": x[:8], "labels": y[:8]}, {"images": x[8:], "labels": y[8:]}]
+    ev = evaluate(student, batches, torch.device("cpu"))
+    assert ev["count"] == 20
+    assert ev["acc"] == 100.0 * int((ref.argmax(1) == y).sum()) / 20
+    assert abs(ev["loss"] - F.cross_entropy(ref, y).item()) < 1e-5
+    assert not any(layer._scoreless for layer in layers.values())
+
+
 def test_autocast_within_stated_tolerance() -> None:
     x0 = torch.randn(4, 16, 6, 6, generator=torch.Generator().manual_seed(0))
     p = soft(144, 40)

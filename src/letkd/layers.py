@@ -7,7 +7,7 @@ through the taps (METHOD §2).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -16,7 +16,8 @@ from torch import nn
 
 from letkd.fused_step import TileTargets, column_moments, fused_kd_step
 
-__all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "normalised_rows_matmul", "kd_layer_extra_params"]
+__all__ = ["CosineConv1x1", "KDLayer", "LocationBatchNorm2d", "normalised_rows_matmul", "kd_layer_extra_params",
+           "without_scores"]
 
 EPS = 1e-12  # METHOD §1.1: L2-normalisation eps
 
@@ -213,6 +214,7 @@ class KDLayer(nn.Module):
         self.last_scores: torch.Tensor | None = None
         self.last_loss: torch.Tensor | None = None
         self._fused: tuple[Callable[[tuple[int, int]], TileTargets] | None, int | None] | None = None
+        self._scoreless = False
 
     @contextmanager
     def fused_step(self, targets_for: Callable[[tuple[int, int]], TileTargets] | None = None,
@@ -231,9 +233,30 @@ class KDLayer(nn.Module):
         finally:
             self._fused = None
 
+    @contextmanager
+    def without_scores(self) -> Iterator["KDLayer"]:
+        """Within the block, eval-mode forwards without autograd return ``(x_hat, None)``: ``x_hat``
+        is computed over row tiles (:func:`letkd.fused_step.fused_kd_step` with the running BN
+        statistics and no targets), so no (B·H·W)×K tensor is formed, and with ``α = 0`` nothing is
+        computed at all. Same ``x_hat`` as the reference path up to fp32 rounding. For loops that
+        need only the student's outputs (:func:`letkd.engine.trainer.evaluate` uses it through
+        :func:`without_scores`); ``last_scores`` stays None."""
+        was, self._scoreless = self._scoreless, True
+        try:
+            yield self
+        finally:
+            self._scoreless = was
+
+    def _plain_eager(self) -> bool:
+        return (type(self.bn) is LocationBatchNorm2d and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                and not torch.compiler.is_compiling())
+
     def _takes_fused_path(self) -> bool:
-        return (self._fused is not None and self.training and type(self.bn) is LocationBatchNorm2d
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
+        return self._fused is not None and self.training and self._plain_eager()
+
+    def _takes_scoreless_path(self) -> bool:
+        return (self._scoreless and not self.training and not torch.is_grad_enabled()
+                and not self.bn.uses_batch_stats and self._plain_eager())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.channels):
@@ -242,6 +265,9 @@ class KDLayer(nn.Module):
         if self._takes_fused_path():
             self.last_scores = None
             return self._forward_fused(x, *self._fused), None
+        if self._takes_scoreless_path():
+            self.last_scores = None
+            return self._forward_fused(x, None, None), None
         # Every step works on locations as rows ((B·H·W)×C, image-major then row-major): the two
         # 1×1 convolutions become matrix products and the K-wide activations stay in rows, the
         # layout of the template loss, so no layout conversions of the large (B·H·W)×K tensors.
@@ -283,6 +309,18 @@ class KDLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_templates={self.num_templates}, alpha={self.alpha}"
+
+
+@contextmanager
+def without_scores(model: nn.Module) -> Iterator[nn.Module]:
+    """:meth:`KDLayer.without_scores` for every KD layer inside ``model`` (a student with its KD
+    layers, or anything holding them): an eval-mode, no-grad forward of ``model`` within the block
+    computes its outputs without forming any layer's (B·H·W)×K scores."""
+    with ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, KDLayer):
+                stack.enter_context(m.without_scores())
+        yield model
 
 
 def kd_layer_extra_params(channels: int, num_templates: int) -> int:

@@ -24,6 +24,7 @@ from letkd.config import Config, ConfigError
 from letkd.engine import dist
 from letkd.engine.checkpoint import load_file, rng_state, save_atomic, set_rng_state
 from letkd.engine.logger import MetricsLogger, write_json_atomic
+from letkd.layers import without_scores
 
 __all__ = ["run", "build", "Built", "evaluate", "RunDirError", "NonFiniteLoss", "default_run_dir",
            "autocast_context", "resolve_precision", "rebuild_deployable", "build_distiller"]
@@ -215,13 +216,14 @@ def rebuild_deployable(ckpt: dict[str, Any], device: torch.device | str = "cpu")
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """Top-1 accuracy (%) and mean CE over ``batches``; sums all-reduced across ranks."""
+    """Top-1 accuracy (%) and mean CE over ``batches``; sums all-reduced across ranks. KD layers
+    in ``model`` run without forming their scores (:func:`letkd.layers.without_scores`)."""
     was = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     for batch in batches:
         images, labels = batch["images"], batch["labels"]
-        with autocast_context(precision, device):
+        with autocast_context(precision, device), without_scores(model):
             logits = model(images)
         logits = logits.float()
         sums[0] += (logits.argmax(1) == labels).sum()
