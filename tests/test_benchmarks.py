@@ -28,6 +28,18 @@ def test_throughput_script(tmp_path) -> None:
     assert "| kd |" in out.with_suffix(".md").read_text()
 
 
+def test_eval_cost_script(tmp_path) -> None:
+    out = tmp_path / "ev.json"
+    _run("eval_cost.py", "--pair", "resnet20:resnet8", "--methods", "letkd2", "quest", "--k-penult", "16",
+         "--batch", "4", "--reps", "1", "--out", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["letkd2", "quest"]
+    for r in rows:
+        assert r["reference_img_s"] > 0 and r["scoreless_img_s"] > 0 and r["plain_student_img_s"] > 0
+        assert r["max_abs_logit_diff"] < 1e-4                      # both paths give the same logits
+    assert "| quest |" in out.with_suffix(".md").read_text()
+
+
 def test_letkd_cost_script(tmp_path) -> None:
     out = tmp_path / "cost.json"
     _run("letkd_cost.py", "--pairs", "resnet20:resnet8", "--batch", "4", "--k-penult", "16", "--num-classes", "10",
