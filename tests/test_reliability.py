@@ -192,6 +192,8 @@ def test_sweep_killed_between_runs_continues(fast, tmp_path):
     assert rc == 0, err
     assert "| first |" in stdout and "| second |" in stdout and "(+1 pending)" in stdout
     assert not (second / "summary.json").exists() and "running" not in stdout
+    rc, _, err = cli("sweep", sweep, "--tables", "--only", "second")  # --only would be silently ignored: refused
+    assert rc == 2 and "--only and --dry-run do not apply" in err
 
     rc, stdout, err = cli("sweep", sweep)
     assert rc == 0, err

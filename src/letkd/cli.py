@@ -143,6 +143,9 @@ def cmd_sweep(args) -> int:
     from letkd.sweep import run_sweep, tabulate
 
     if args.tables:
+        if args.only or args.dry_run:
+            raise ValueError("letkd sweep --tables runs nothing and tabulates every run of the sweep finished so far; "
+                             "--only and --dry-run do not apply to it: drop them (or drop --tables to run)")
         root = tabulate(args.sweep, out=args.out or None)
     else:
         root = run_sweep(args.sweep, out=args.out or None, only=args.only or None, dry_run=args.dry_run)
