@@ -221,14 +221,15 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "
     was = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for batch in batches:
-        images, labels = batch["images"], batch["labels"]
-        with autocast_context(precision, device), without_scores(model):
-            logits = model(images)
-        logits = logits.float()
-        sums[0] += (logits.argmax(1) == labels).sum()
-        sums[1] += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        sums[2] += labels.numel()
+    with without_scores(model):
+        for batch in batches:
+            images, labels = batch["images"], batch["labels"]
+            with autocast_context(precision, device):
+                logits = model(images)
+            logits = logits.float()
+            sums[0] += (logits.argmax(1) == labels).sum()
+            sums[1] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            sums[2] += labels.numel()
     dist.all_reduce_sum(sums)
     model.train(was)
     n = max(sums[2].item(), 1.0)
