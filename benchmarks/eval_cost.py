@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from letkd.layers import without_scores
 
+from letkd_cost import median_times
 from throughput import build
 
 
@@ -59,28 +58,18 @@ def main() -> None:
     for m, model in models.items():
         fns[(m, "reference")] = reference(model)
         fns[(m, "scoreless")] = scoreless(model)
-    times: dict = {k: [] for k in fns}
     with torch.no_grad():
-        for fn in fns.values():
-            fn()                                                     # warm-up
-        for _ in range(args.reps):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-        for m, model in models.items():                              # same outputs, both paths
-            ref = model(x)
-            with without_scores(model):
-                got = model(x)
-            times[(m, "max_abs_diff")] = float((ref - got).abs().max())
-    ips = {k: args.batch / statistics.median(v) for k, v in times.items() if isinstance(v, list)}
+        seconds = median_times(fns, args.reps, warmup=1)
+        max_diff = {m: float((reference(model)() - scoreless(model)()).abs().max())   # same outputs, both paths
+                    for m, model in models.items()}
+    ips = {k: args.batch / t for k, t in seconds.items()}
     rows = []
     for m in args.methods:
         rows.append({"method": m, "teacher": teacher, "student": student, "k_penult": args.k_penult,
                      "batch": args.batch, "plain_student_img_s": ips[("vanilla", "plain")],
                      "reference_img_s": ips[(m, "reference")], "scoreless_img_s": ips[(m, "scoreless")],
                      "speedup": ips[(m, "scoreless")] / ips[(m, "reference")],
-                     "max_abs_logit_diff": times[(m, "max_abs_diff")], "threads": torch.get_num_threads(),
+                     "max_abs_logit_diff": max_diff[m], "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "hardware": platform.machine()})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
