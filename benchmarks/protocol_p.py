@@ -72,6 +72,25 @@ def verdict(a: str, b: str, runs: dict[str, dict]) -> str:
             f"(n = {len(la)} / {len(lb)}); {size}.")
 
 
+def fit_table(labels: list[str], runs: dict[str, dict]) -> list[str]:
+    """How well each method fits its training set: the last epoch's training accuracy (on the augmented
+    batches it trained on) beside its test loss and accuracy, mean ± sample std over the finished seeds."""
+    out = ["", "Fit at the last epoch (training accuracy on the augmented training batches; test loss and accuracy "
+           "on the full test set), mean ± sample std over the finished seeds:", "",
+           "| method | n | train acc (%) | test loss | test acc (%) | train − test (points) |", "|---|---|---|---|---|---|"]
+    for lab in labels:
+        last = [rows[-1] for _, _, rows in runs[lab]["done"] if rows and "train_acc" in rows[-1]]
+        if not last:
+            continue
+        train, test = [r["train_acc"] for r in last], [r["test_acc"] for r in last]
+        loss = [r["test_loss"] for r in last if "test_loss" in r]
+        m_loss = f"{mean_std(loss)[0]:.3f} ± {mean_std(loss)[1]:.3f}" if len(loss) > 1 else \
+            (f"{loss[0]:.3f}" if loss else "–")
+        out.append(f"| {NAMES[lab]} | {len(last)} | {fmt(train)} | {m_loss} | {fmt(test)} | "
+                   f"{statistics.fmean(train) - statistics.fmean(test):.2f} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir")
@@ -104,6 +123,7 @@ def main() -> None:
     for a, b in [("letkd2", "kd"), ("letkd2", "vanilla"), ("letkd2", "dkd"), ("letkd2", "letkd1"), ("letkd1", "quest"),
                  ("letkd2", "quest")]:
         out.append(f"- {verdict(a, b, runs)}")
+    out += fit_table(labels, runs)
     epochs = max((len(rows) for lab in labels for _, _, rows in runs[lab]["done"]), default=0)
     if epochs:
         shown = [lab for lab in labels if runs[lab]["done"]]

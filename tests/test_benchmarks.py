@@ -72,8 +72,9 @@ def test_protocol_p_report_on_fabricated_runs(tmp_path) -> None:
     def run(label: str, seed: int, accs: list[float], done: bool = True) -> None:
         d = tmp_path / "sweep" / label / f"seed{seed}"
         d.mkdir(parents=True)
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "lr": 0.05, "test_acc": a}) + "\n"
-                                                 for i, a in enumerate(accs)))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "lr": 0.05, "test_acc": a,
+                                                             "train_acc": a + 2.0 + seed, "test_loss": 0.25})
+                                                 + "\n" for i, a in enumerate(accs)))
         if done:
             (d / "summary.json").write_text(json.dumps({"best_acc": max(accs), "last_acc": accs[-1],
                                                         "wall_seconds": 600.0, "threads": 1, "cpu": "X"}))
@@ -89,4 +90,6 @@ def test_protocol_p_report_on_fabricated_runs(tmp_path) -> None:
     assert ("letKD-2 92.00 is ahead of KD 89.00 by 3.00 points at the last epoch (n = 2 / 2); "
             "the gap exceeds one std (1.41).") in text
     assert "letKD-2 vs letKD-1: not yet measured (2 and 0 finished seeds)." in text
+    # fit table: train acc = last test acc + 2 + seed -> KD 92, 91 (91.50 ± 0.71); train − test 91.5 − 89 = 2.50
+    assert "| KD | 2 | 91.50 ± 0.71 | 0.250 ± 0.000 | 89.00 ± 1.41 | 2.50 |" in text
     assert "| 1 | 0.05 | 81.00 | 82.00 |" in text and "| 2 | 0.05 | 89.00 | 92.00 |" in text
