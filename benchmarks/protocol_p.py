@@ -6,7 +6,8 @@
 Reads every finished run under ``<sweep dir>/<label>/seed<s>/`` (``summary.json`` +
 ``metrics.jsonl``) and writes, per label: best-epoch and last-epoch test accuracy as mean ± sample
 std over the finished seeds (n), the mean wall time of a run (with the threads and CPU it ran on),
-the per-epoch mean test accuracy, and the verdict lines of the issue — letKD-2 vs KD (and vs the plain student and DKD) and
+the per-epoch mean test accuracy, a fit table (last-epoch training accuracy beside test loss and
+accuracy), and the verdict lines of the issue — letKD-2 vs KD (and vs the plain student and DKD) and
 letKD-2 vs letKD-1 vs QuEST — each saying whether the gap of the last-epoch means exceeds one
 std (the larger of the two rows' sample stds). Runs still in progress are listed, not used.
 Nothing here selects on the test set: "best" is reported beside "last", never instead of it.
@@ -48,11 +49,11 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def fmt(xs: list[float]) -> str:
+def fmt(xs: list[float], digits: int = 2) -> str:
     if not xs:
         return "–"
     m, s = mean_std(xs)
-    return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
 
 
 def verdict(a: str, b: str, runs: dict[str, dict]) -> str:
@@ -84,9 +85,7 @@ def fit_table(labels: list[str], runs: dict[str, dict]) -> list[str]:
             continue
         train, test = [r["train_acc"] for r in last], [r["test_acc"] for r in last]
         loss = [r["test_loss"] for r in last if "test_loss" in r]
-        m_loss = f"{mean_std(loss)[0]:.3f} ± {mean_std(loss)[1]:.3f}" if len(loss) > 1 else \
-            (f"{loss[0]:.3f}" if loss else "–")
-        out.append(f"| {NAMES[lab]} | {len(last)} | {fmt(train)} | {m_loss} | {fmt(test)} | "
+        out.append(f"| {NAMES[lab]} | {len(last)} | {fmt(train)} | {fmt(loss, 3)} | {fmt(test)} | "
                    f"{statistics.fmean(train) - statistics.fmean(test):.2f} |")
     return out
 
